@@ -1,0 +1,115 @@
+package ssefeed
+
+import (
+	"strconv"
+	"time"
+	"unicode/utf8"
+)
+
+// maxIDLength is the longest id written to a stream. Longer ids are replaced
+// by generated ones because browsers and proxies may not send them back.
+const maxIDLength = 128
+
+// Event is one server-sent event before encoding.
+type Event struct {
+	// ID is written as the `id:` field. Empty means no id field.
+	ID string
+	// Type is written as the `event:` field. Empty means the default "message".
+	Type string
+	// Data is the event's payload. It is split into `data:` lines on LF, CR
+	// and CRLF; invalid UTF-8 becomes U+FFFD.
+	Data string
+}
+
+// validID reports whether id can be written to a stream and sent back by a
+// client unchanged in a Last-Event-ID header: UTF-8, at most maxIDLength
+// bytes, and free of NUL, CR and LF.
+func validID(id string) bool {
+	if len(id) == 0 || len(id) > maxIDLength || !utf8.ValidString(id) {
+		return false
+	}
+	for i := 0; i < len(id); i++ {
+		switch id[i] {
+		case 0, '\r', '\n':
+			return false
+		}
+	}
+	return true
+}
+
+// validEventType reports whether name can be written as an `event:` field.
+func validEventType(name string) bool {
+	for i := 0; i < len(name); i++ {
+		if name[i] == '\r' || name[i] == '\n' {
+			return false
+		}
+	}
+	return utf8.ValidString(name)
+}
+
+// appendEvent appends the wire form of ev to dst and returns the result. The
+// caller makes sure ev.ID and ev.Type pass validID and validEventType; the
+// data is made safe here.
+func appendEvent(dst []byte, ev Event) []byte {
+	if ev.Type != "" {
+		dst = append(dst, "event: "...)
+		dst = append(dst, ev.Type...)
+		dst = append(dst, '\n')
+	}
+	if ev.ID != "" {
+		dst = append(dst, "id: "...)
+		dst = append(dst, ev.ID...)
+		dst = append(dst, '\n')
+	}
+	dst = appendData(dst, ev.Data)
+	return append(dst, '\n')
+}
+
+// appendData appends data as `data:` lines, one per line of the text. A lone
+// CR, a lone LF and CRLF each end a line; a trailing line break yields a
+// final empty `data:` line so that the client gets it back. Invalid UTF-8
+// is replaced by U+FFFD.
+func appendData(dst []byte, data string) []byte {
+	dst = append(dst, "data: "...)
+	for i := 0; i < len(data); {
+		c := data[i]
+		switch {
+		case c == '\r':
+			if i+1 < len(data) && data[i+1] == '\n' {
+				i++
+			}
+			dst = append(dst, "\ndata: "...)
+			i++
+		case c == '\n':
+			dst = append(dst, "\ndata: "...)
+			i++
+		case c < utf8.RuneSelf:
+			dst = append(dst, c)
+			i++
+		default:
+			r, size := utf8.DecodeRuneInString(data[i:])
+			if r == utf8.RuneError && size == 1 {
+				dst = append(dst, "\uFFFD"...)
+			} else {
+				dst = append(dst, data[i:i+size]...)
+			}
+			i += size
+		}
+	}
+	return append(dst, '\n')
+}
+
+// appendComment appends a comment line, which clients ignore.
+func appendComment(dst []byte, text string) []byte {
+	dst = append(dst, ": "...)
+	dst = append(dst, text...)
+	return append(dst, '\n')
+}
+
+// appendRetry appends a `retry:` field telling the client how long to wait
+// before reconnecting.
+func appendRetry(dst []byte, d time.Duration) []byte {
+	dst = append(dst, "retry: "...)
+	dst = strconv.AppendInt(dst, d.Milliseconds(), 10)
+	return append(dst, '\n')
+}

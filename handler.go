@@ -1,0 +1,235 @@
+package ssefeed
+
+import (
+	"encoding/json"
+	"errors"
+	"math/rand/v2"
+	"net/http"
+	"time"
+
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+
+	"github.com/ssefeed/caddy-ssefeed/replay"
+)
+
+// maxFramesPerWrite bounds the frames gathered for one write and flush, and
+// so the per-subscriber scratch slice.
+const maxFramesPerWrite = 256
+
+// overCapacityRetry is the base of the jittered `retry:` sent to a
+// subscriber turned away by max_subscribers when no retry is configured.
+const overCapacityRetry = 3 * time.Second
+
+// ServeHTTP serves one subscriber: it writes and flushes the headers at
+// once, resumes from the Last-Event-ID if one came, then writes every event
+// of the feed as it exists until the client leaves, the feed ends or Caddy
+// exits.
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
+	if r.Method != http.MethodGet {
+		w.Header().Set("Allow", http.MethodGet)
+		return caddyhttp.Error(http.StatusMethodNotAllowed, errors.New("event streams answer GET only"))
+	}
+	header := w.Header()
+	header.Set("Content-Type", "text/event-stream")
+	header.Set("Cache-Control", "no-cache")
+	header.Set("X-Accel-Buffering", "no")
+	header.Del("Content-Length")
+	rc := http.NewResponseController(w)
+
+	if !h.feed.subscribe(h.MaxSubscribers) {
+		w.WriteHeader(http.StatusOK)
+		base := max(time.Duration(h.Retry), overCapacityRetry)
+		_, _ = w.Write(appendRetry(nil, base+rand.N(base)))
+		return nil
+	}
+	defer h.feed.unsubscribe()
+	w.WriteHeader(http.StatusOK)
+
+	s := &stream{h: h, f: h.feed, w: w, rc: rc, r: r}
+	if h.Retry > 0 {
+		s.buf = appendRetry(s.buf, time.Duration(h.Retry))
+	}
+	if !s.flush() {
+		return nil
+	}
+	s.run(lastEventID(r))
+	return nil
+}
+
+// lastEventID returns the id the client last saw: the Last-Event-ID header,
+// else the lastEventId or last_event_id query parameter, for clients that
+// cannot set headers.
+func lastEventID(r *http.Request) string {
+	if id := r.Header.Get("Last-Event-ID"); id != "" {
+		return id
+	}
+	q := r.URL.Query()
+	if id := q.Get("lastEventId"); id != "" {
+		return id
+	}
+	return q.Get("last_event_id")
+}
+
+// stream is one subscriber's connection.
+type stream struct {
+	h  *Handler
+	f  *feed
+	w  http.ResponseWriter
+	rc *http.ResponseController
+	r  *http.Request
+
+	buf       []byte   // bytes of this stream only: retry, reset, heartbeat
+	frames    [][]byte // scratch for the frames of one write
+	heartbeat *time.Timer
+}
+
+// run waits for the feed to be ready, positions the cursor and then writes
+// frames as they are appended until the stream ends.
+func (s *stream) run(lastID string) {
+	if s.h.Heartbeat > 0 {
+		s.heartbeat = time.NewTimer(time.Duration(s.h.Heartbeat))
+		defer s.heartbeat.Stop()
+	}
+	for ready := false; !ready; {
+		select {
+		case <-s.f.ready:
+			ready = true
+		case <-s.heartbeatC():
+			if !s.sendHeartbeat() {
+				return
+			}
+		case <-s.r.Context().Done():
+			return
+		case <-s.h.stopping:
+			return
+		case <-s.f.done:
+			return
+		}
+	}
+
+	cursor := s.start(lastID)
+	for {
+		var wake <-chan struct{}
+		var err error
+		s.frames, cursor, wake, err = s.f.log.Read(cursor, s.frames[:0], maxFramesPerWrite)
+		switch {
+		case errors.Is(err, replay.ErrEvicted):
+			s.f.metrics.slowDisconnect.Inc()
+			s.f.logger.Info("disconnected a subscriber that fell behind the replay log",
+				zap.String("remote", s.r.RemoteAddr))
+			return
+		case err != nil:
+			return
+		}
+		if len(s.frames) > 0 {
+			if !s.writeFrames() {
+				return
+			}
+			if len(s.frames) == maxFramesPerWrite {
+				continue
+			}
+		}
+		select {
+		case <-wake:
+		case <-s.heartbeatC():
+			if !s.sendHeartbeat() {
+				return
+			}
+		case <-s.r.Context().Done():
+			return
+		case <-s.h.stopping:
+			return
+		}
+	}
+}
+
+// start returns the cursor where the stream begins. A known last id resumes
+// right after it. An unknown one gets the reset event, then every retained
+// event of an item feed or the latest document. No last id gets the initial
+// count of newest events.
+func (s *stream) start(lastID string) uint64 {
+	log := s.f.log
+	log.Expire()
+	if lastID == "" {
+		return log.Tail(*s.h.Initial)
+	}
+	if cursor, ok := log.After(lastID); ok {
+		s.f.metrics.resumeHit.Inc()
+		return cursor
+	}
+	s.f.metrics.resumeReset.Inc()
+	s.f.logger.Debug("unknown last event id; sending reset", zap.Int("id_length", len(lastID)))
+	data, _ := json.Marshal(map[string]string{"last_event_id": lastID})
+	s.buf = appendEvent(s.buf, Event{Type: s.h.ResetEvent, Data: string(data)})
+	if s.f.kind == documentFeed {
+		return log.Tail(1)
+	}
+	return log.Tail(s.h.Replay)
+}
+
+// heartbeatC returns the heartbeat timer's channel, or nil when heartbeats
+// are off, which blocks forever in a select.
+func (s *stream) heartbeatC() <-chan time.Time {
+	if s.heartbeat == nil {
+		return nil
+	}
+	return s.heartbeat.C
+}
+
+// sendHeartbeat writes a heartbeat comment, or event if heartbeat_event is
+// set, and flushes it.
+func (s *stream) sendHeartbeat() bool {
+	if s.h.HeartbeatEvent != "" {
+		s.buf = appendEvent(s.buf, Event{Type: s.h.HeartbeatEvent})
+	} else {
+		s.buf = appendComment(s.buf, "heartbeat")
+	}
+	return s.flush()
+}
+
+// writeFrames writes the gathered frames after anything pending in buf,
+// then flushes once.
+func (s *stream) writeFrames() bool {
+	n := 0
+	for _, frame := range s.frames {
+		if len(s.buf) > 0 {
+			if !s.write(s.buf) {
+				return false
+			}
+			n += len(s.buf)
+			s.buf = s.buf[:0]
+		}
+		if !s.write(frame) {
+			return false
+		}
+		n += len(frame)
+	}
+	s.f.metrics.bytes.Add(float64(n))
+	return s.flush()
+}
+
+// flush writes what is pending in buf and flushes the response, then
+// restarts the heartbeat timer. It reports whether the client is still
+// there.
+func (s *stream) flush() bool {
+	if len(s.buf) > 0 {
+		if !s.write(s.buf) {
+			return false
+		}
+		s.f.metrics.bytes.Add(float64(len(s.buf)))
+		s.buf = s.buf[:0]
+	}
+	if err := s.rc.Flush(); err != nil {
+		return false
+	}
+	if s.heartbeat != nil {
+		s.heartbeat.Reset(time.Duration(s.h.Heartbeat))
+	}
+	return true
+}
+
+func (s *stream) write(b []byte) bool {
+	_, err := s.w.Write(b)
+	return err == nil
+}

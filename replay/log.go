@@ -1,0 +1,225 @@
+// Package replay holds the bounded log of encoded events that a feed keeps
+// for resumption. The log is also the broadcast medium: every subscriber holds
+// a cursor into it and waits for frames after its cursor, so publishing costs
+// the same however many subscribers there are, and a slow subscriber only
+// falls behind its own cursor.
+package replay
+
+import (
+	"sync"
+	"time"
+)
+
+// Frame is one encoded event in the log.
+type Frame struct {
+	// Seq is the frame's position in the log; it grows by one per frame.
+	Seq uint64
+	// ID is the event id written in the frame.
+	ID string
+	// Key identifies the upstream element the frame came from, for
+	// recognising elements seen before. It may be empty.
+	Key string
+	// Bytes is the frame's wire form. It is never modified once appended.
+	Bytes []byte
+	// Time is when the frame was appended.
+	Time time.Time
+}
+
+// Limits bound what a log retains. A zero field means no bound of that kind.
+type Limits struct {
+	// Count is the most frames retained.
+	Count int
+	// Bytes is the most frame bytes retained.
+	Bytes int
+	// MaxAge is the longest a frame is retained.
+	MaxAge time.Duration
+}
+
+// Log is a bounded, append-only sequence of frames with O(1) lookup by id
+// and by key. It is safe for concurrent use.
+type Log struct {
+	limits Limits
+	now    func() time.Time
+
+	mu     sync.RWMutex
+	frames []Frame // frames[head:] are retained, in Seq order
+	head   int
+	next   uint64 // Seq of the next frame appended
+	bytes  int
+	ids    map[string]uint64
+	keys   map[string]uint64
+	wake   chan struct{}
+	closed bool
+}
+
+// New returns an empty log bounded by limits.
+func New(limits Limits) *Log {
+	return &Log{
+		limits: limits,
+		now:    time.Now,
+		ids:    make(map[string]uint64),
+		keys:   make(map[string]uint64),
+		wake:   make(chan struct{}),
+	}
+}
+
+// Append adds frames to the log in order, assigning their Seq and Time,
+// evicts what the limits no longer allow, and wakes every waiter once.
+func (l *Log) Append(frames ...Frame) {
+	if len(frames) == 0 {
+		return
+	}
+	now := l.now()
+	l.mu.Lock()
+	if l.closed {
+		l.mu.Unlock()
+		return
+	}
+	for _, f := range frames {
+		f.Seq = l.next
+		f.Time = now
+		l.next++
+		l.frames = append(l.frames, f)
+		l.bytes += len(f.Bytes)
+		if f.ID != "" {
+			l.ids[f.ID] = f.Seq
+		}
+		if f.Key != "" {
+			l.keys[f.Key] = f.Seq
+		}
+	}
+	l.evict(now)
+	close(l.wake)
+	l.wake = make(chan struct{})
+	l.mu.Unlock()
+}
+
+// evict drops the oldest frames beyond the limits. It keeps at least the
+// newest frame regardless of the byte bound, so that a document feed always
+// has its latest document. l.mu must be held for writing.
+func (l *Log) evict(now time.Time) {
+	for l.retained() > 0 {
+		oldest := &l.frames[l.head]
+		over := l.limits.Count > 0 && l.retained() > l.limits.Count ||
+			l.limits.Bytes > 0 && l.bytes > l.limits.Bytes && l.retained() > 1 ||
+			l.limits.MaxAge > 0 && now.Sub(oldest.Time) > l.limits.MaxAge && l.retained() > 1
+		if !over {
+			break
+		}
+		l.bytes -= len(oldest.Bytes)
+		if l.ids[oldest.ID] == oldest.Seq {
+			delete(l.ids, oldest.ID)
+		}
+		if l.keys[oldest.Key] == oldest.Seq {
+			delete(l.keys, oldest.Key)
+		}
+		*oldest = Frame{}
+		l.head++
+	}
+	// Reclaim the dead prefix once it is at least half the slice.
+	if l.head > 0 && l.head >= len(l.frames)/2 {
+		n := copy(l.frames, l.frames[l.head:])
+		clear(l.frames[n:])
+		l.frames = l.frames[:n]
+		l.head = 0
+	}
+}
+
+func (l *Log) retained() int { return len(l.frames) - l.head }
+
+// first returns the Seq of the oldest retained frame. l.mu must be held.
+func (l *Log) first() uint64 { return l.next - uint64(l.retained()) }
+
+// Expire evicts frames older than the age limit. Appending does this too;
+// Expire lets a quiet feed age out its frames.
+func (l *Log) Expire() {
+	l.mu.Lock()
+	l.evict(l.now())
+	l.mu.Unlock()
+}
+
+// Next returns the Seq that the next appended frame will get: a cursor
+// positioned at Next reads only frames appended from now on.
+func (l *Log) Next() uint64 {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	return l.next
+}
+
+// Tail returns a cursor at the n newest retained frames, or at the oldest
+// retained frame when fewer are retained.
+func (l *Log) Tail(n int) uint64 {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	if n > l.retained() {
+		n = l.retained()
+	}
+	return l.next - uint64(n)
+}
+
+// After returns a cursor just after the frame with the given id, and whether
+// that frame is retained and younger than the age limit.
+func (l *Log) After(id string) (cursor uint64, ok bool) {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	seq, ok := l.ids[id]
+	if !ok {
+		return 0, false
+	}
+	f := &l.frames[l.head+int(seq-l.first())]
+	if l.limits.MaxAge > 0 && l.now().Sub(f.Time) > l.limits.MaxAge {
+		return 0, false
+	}
+	return seq + 1, true
+}
+
+// HasKey reports whether a frame with the given key is retained.
+func (l *Log) HasKey(key string) bool {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	_, ok := l.keys[key]
+	return ok
+}
+
+// Read appends to dst the bytes of the frames from cursor on, at most max
+// frames, and returns them with the cursor after the last one. It also
+// returns a channel that is closed when a frame is appended after them or
+// the log is closed. If frames before the log's oldest retained one were
+// requested, Read returns ErrEvicted: the reader fell too far behind.
+func (l *Log) Read(cursor uint64, dst [][]byte, max int) ([][]byte, uint64, <-chan struct{}, error) {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	if l.closed {
+		return dst, cursor, nil, ErrClosed
+	}
+	if cursor < l.first() {
+		return dst, cursor, nil, ErrEvicted
+	}
+	for i := l.head + int(cursor-l.first()); i < len(l.frames) && max > 0; i++ {
+		dst = append(dst, l.frames[i].Bytes)
+		cursor++
+		max--
+	}
+	return dst, cursor, l.wake, nil
+}
+
+// Close ends the log: waiters wake and reads return ErrClosed.
+func (l *Log) Close() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if !l.closed {
+		l.closed = true
+		close(l.wake)
+	}
+}
+
+type logError string
+
+func (e logError) Error() string { return string(e) }
+
+const (
+	// ErrEvicted is returned by Read for a cursor whose frames were evicted.
+	ErrEvicted = logError("replay: frames after the cursor were evicted")
+	// ErrClosed is returned by Read once the log is closed.
+	ErrClosed = logError("replay: log closed")
+)

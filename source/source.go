@@ -1,0 +1,188 @@
+// Package source reads an upstream over HTTP and hands over raw JSON values:
+// whole documents from a polled URL, or NDJSON lines from a tailed one. It
+// knows about validators, backoff and cursors, and nothing about SSE.
+package source
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net/http"
+	"net/url"
+	"strconv"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"go.uber.org/zap"
+)
+
+// LastIDPlaceholder is replaced in the URL and header values by the id of the
+// last event the feed published, URL-escaped.
+const LastIDPlaceholder = "{sse_feed.last_id}"
+
+// Sink receives what a source reads.
+type Sink interface {
+	// Publish hands over values that arrived together, oldest first. For a
+	// polled source the batch is a single document, the upstream's whole
+	// answer; for a tailed source each value is one NDJSON line.
+	Publish(values []json.RawMessage)
+	// LastID returns the id of the last event published, or "".
+	LastID() string
+}
+
+// Observer is told what a source does, for metrics and tests.
+type Observer interface {
+	// UpstreamRequest records one request and its result: "ok",
+	// "not_modified" or "error".
+	UpstreamRequest(result string)
+	// UpstreamError records one fault by reason, such as "status",
+	// "invalid_json", "too_large" or "connect".
+	UpstreamError(reason string)
+}
+
+// Config is what both sources need to reach an upstream.
+type Config struct {
+	// URL may hold Caddy placeholders and LastIDPlaceholder.
+	URL string
+	// Header values may hold Caddy placeholders and LastIDPlaceholder.
+	Header http.Header
+	// Timeout bounds a poll request, or a tail request until its headers.
+	Timeout time.Duration
+	// MaxBody bounds a polled body or one NDJSON line, in bytes.
+	MaxBody int64
+	// Backoff paces retries after failures.
+	Backoff  Backoff
+	Logger   *zap.Logger
+	Observer Observer
+}
+
+// Error reasons given to Observer.UpstreamError.
+const (
+	ReasonConnect     = "connect"
+	ReasonStatus      = "status"
+	ReasonInvalidJSON = "invalid_json"
+	ReasonTooLarge    = "too_large"
+	ReasonRead        = "read"
+)
+
+// errRedirect refuses a redirect to another host, so that headers meant for
+// the configured upstream, such as API keys, never leave it.
+var errRedirect = errors.New("redirect to another host refused")
+
+// newClient returns an HTTP client for one source. Redirects are followed
+// within the upstream's host only.
+func newClient(headerTimeout time.Duration) *http.Client {
+	transport := http.DefaultTransport.(*http.Transport).Clone()
+	transport.ResponseHeaderTimeout = headerTimeout
+	return &http.Client{
+		Transport: transport,
+		CheckRedirect: func(req *http.Request, via []*http.Request) error {
+			if req.URL.Host != via[0].URL.Host {
+				return errRedirect
+			}
+			if len(via) >= 10 {
+				return errors.New("stopped after 10 redirects")
+			}
+			return nil
+		},
+	}
+}
+
+// newRequest builds the upstream GET, replacing placeholders in the URL and
+// header values; the last id is URL-escaped.
+func (c *Config) newRequest(ctx context.Context, lastID string) (*http.Request, error) {
+	repl := caddy.NewReplacer()
+	repl.Set("sse_feed.last_id", url.QueryEscape(lastID))
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, repl.ReplaceAll(c.URL, ""), nil)
+	if err != nil {
+		return nil, err
+	}
+	for name, values := range c.Header {
+		for _, v := range values {
+			req.Header.Add(name, repl.ReplaceAll(v, ""))
+		}
+	}
+	return req, nil
+}
+
+// statusError is a non-2xx upstream answer.
+type statusError struct {
+	code       int
+	retryAfter time.Duration
+}
+
+func (e *statusError) Error() string { return fmt.Sprintf("upstream answered %d", e.code) }
+
+// checkStatus returns a *statusError for a non-2xx response, honouring
+// Retry-After on 429 and 503.
+func checkStatus(resp *http.Response, now time.Time) error {
+	if resp.StatusCode >= 200 && resp.StatusCode < 300 {
+		return nil
+	}
+	err := &statusError{code: resp.StatusCode}
+	if resp.StatusCode == http.StatusTooManyRequests || resp.StatusCode == http.StatusServiceUnavailable {
+		err.retryAfter = parseRetryAfter(resp.Header.Get("Retry-After"), now)
+	}
+	return err
+}
+
+// parseRetryAfter reads a Retry-After value in seconds or as an HTTP date.
+func parseRetryAfter(v string, now time.Time) time.Duration {
+	if v == "" {
+		return 0
+	}
+	if secs, err := strconv.Atoi(v); err == nil && secs > 0 {
+		return time.Duration(secs) * time.Second
+	}
+	if t, err := http.ParseTime(v); err == nil && t.After(now) {
+		return t.Sub(now)
+	}
+	return 0
+}
+
+// Backoff computes exponential delays with jitter between retries.
+type Backoff struct {
+	// Initial is the first delay.
+	Initial time.Duration
+	// Max caps the exponential delay.
+	Max time.Duration
+}
+
+// maxRetryAfter caps how long an upstream's Retry-After may hold a source.
+const maxRetryAfter = 10 * time.Minute
+
+// Delay returns the delay before retry number attempt (from 1), jittered to
+// between half and all of the exponential value, and never shorter than
+// retryAfter (itself capped at ten minutes).
+func (b Backoff) Delay(attempt int, retryAfter time.Duration) time.Duration {
+	d := b.Initial
+	for i := 1; i < attempt && d < b.Max; i++ {
+		d *= 2
+	}
+	d = min(d, b.Max)
+	d = d/2 + rand.N(d/2+1)
+	return max(d, min(retryAfter, maxRetryAfter))
+}
+
+// sleep waits for d or until ctx ends, and reports whether ctx is still live.
+func sleep(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
+// retryAfterOf returns the Retry-After carried by err, if any.
+func retryAfterOf(err error) time.Duration {
+	var se *statusError
+	if errors.As(err, &se) {
+		return se.retryAfter
+	}
+	return 0
+}

@@ -1,0 +1,165 @@
+package source
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"net/http"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// Tail holds one long-lived GET open and publishes each NDJSON line as it
+// arrives. When the upstream ends or fails it reconnects with backoff.
+type Tail struct {
+	Config
+}
+
+// errLineTooLong marks a line over MaxBody, which is skipped.
+var errLineTooLong = errors.New("line over max_body")
+
+// Run tails the upstream until ctx ends.
+func (t *Tail) Run(ctx context.Context, sink Sink) {
+	client := newClient(t.Timeout)
+	failures := 0
+	for {
+		delivered, err := t.stream(ctx, client, sink)
+		if ctx.Err() != nil {
+			return
+		}
+		if delivered {
+			failures = 0
+		}
+		failures++
+		delay := t.Backoff.Delay(failures, retryAfterOf(err))
+		if err != nil {
+			t.Logger.Warn("tail failed; reconnecting",
+				zap.Error(err), zap.Int("failures", failures), zap.Duration("retry_in", delay))
+		} else {
+			t.Logger.Debug("upstream ended the stream; reconnecting", zap.Duration("retry_in", delay))
+		}
+		if !sleep(ctx, delay) {
+			return
+		}
+	}
+}
+
+// stream makes one request and publishes its lines until the response ends.
+// It reports whether any line was published, and the error that ended it,
+// which is nil for a clean end of stream.
+func (t *Tail) stream(ctx context.Context, client *http.Client, sink Sink) (bool, error) {
+	req, err := t.newRequest(ctx, sink.LastID())
+	if err != nil {
+		t.Observer.UpstreamError(ReasonConnect)
+		return false, err
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		t.Observer.UpstreamRequest("error")
+		t.Observer.UpstreamError(ReasonConnect)
+		return false, err
+	}
+	defer resp.Body.Close()
+	if err := checkStatus(resp, time.Now()); err != nil {
+		t.Observer.UpstreamRequest("error")
+		t.Observer.UpstreamError(ReasonStatus)
+		return false, err
+	}
+	t.Observer.UpstreamRequest("ok")
+
+	lines := NewLineReader(resp.Body, t.MaxBody)
+	delivered := false
+	var batch []json.RawMessage
+	for {
+		line, err := lines.Next()
+		switch {
+		case errors.Is(err, errLineTooLong):
+			t.Observer.UpstreamError(ReasonTooLarge)
+			t.Logger.Warn("skipped an NDJSON line over max_body", zap.Int64("max_body", t.MaxBody))
+			continue
+		case err != nil:
+			if len(batch) > 0 {
+				sink.Publish(batch)
+				delivered = true
+			}
+			if errors.Is(err, io.EOF) {
+				return delivered, nil
+			}
+			t.Observer.UpstreamError(ReasonRead)
+			return delivered, err
+		}
+		if len(line) > 0 {
+			if json.Valid(line) {
+				batch = append(batch, line)
+			} else {
+				t.Observer.UpstreamError(ReasonInvalidJSON)
+				t.Logger.Warn("skipped an NDJSON line that is not valid JSON", zap.Int("length", len(line)))
+			}
+		}
+		// Publish what has arrived unless another whole line is already
+		// buffered: events that arrive together go out together, and none
+		// waits for a later one.
+		if len(batch) > 0 && !lines.LineBuffered() {
+			sink.Publish(batch)
+			delivered = true
+			batch = nil
+		}
+	}
+}
+
+// LineReader splits NDJSON into lines of at most a given length. Lines end
+// with LF; a CR before it and surrounding white space are trimmed.
+type LineReader struct {
+	r   *bufio.Reader
+	max int64
+}
+
+// NewLineReader returns a LineReader over r for lines of at most max bytes.
+func NewLineReader(r io.Reader, max int64) *LineReader {
+	return &LineReader{r: bufio.NewReaderSize(r, 64<<10), max: max}
+}
+
+// Next returns the next line, trimmed, in a new slice. A line longer than
+// the maximum is read to its end and discarded, and Next returns
+// errLineTooLong. At the end of input it returns the last unterminated line,
+// then io.EOF.
+func (lr *LineReader) Next() ([]byte, error) {
+	var line []byte
+	tooLong := false
+	for {
+		chunk, err := lr.r.ReadSlice('\n')
+		if !tooLong {
+			if int64(len(line)+len(chunk)) > lr.max+1 { // +1 for the LF
+				tooLong, line = true, nil
+			} else {
+				line = append(line, chunk...)
+			}
+		}
+		switch {
+		case err == nil:
+			if tooLong {
+				return nil, errLineTooLong
+			}
+			return bytes.TrimSpace(line), nil
+		case errors.Is(err, bufio.ErrBufferFull):
+			continue
+		case tooLong:
+			return nil, errLineTooLong
+		case len(line) > 0 && errors.Is(err, io.EOF):
+			return bytes.TrimSpace(line), nil
+		default:
+			return nil, err
+		}
+	}
+}
+
+// LineBuffered reports whether a whole line is already buffered, so that the
+// next call to Next will not wait for input.
+func (lr *LineReader) LineBuffered() bool {
+	buffered, _ := lr.r.Peek(lr.r.Buffered())
+	return bytes.IndexByte(buffered, '\n') >= 0
+}
