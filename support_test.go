@@ -1,0 +1,265 @@
+package ssefeed_test
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2/caddytest"
+
+	_ "github.com/ssefeed/caddy-ssefeed"
+	"github.com/ssefeed/caddy-ssefeed/internal/ssetest"
+)
+
+// The integration tests run Caddy in this process through caddytest, on its
+// fixed admin port 2999 and HTTP port 9080, so they must not run in
+// parallel, and every caddytest test lives in this package.
+const siteURL = "http://localhost:9080"
+
+// startCaddy loads a Caddyfile made of the test ports' global options and
+// the given site body for localhost:9080.
+func startCaddy(t *testing.T, site string) *caddytest.Tester {
+	t.Helper()
+	tester := caddytest.NewTester(t)
+	tester.InitServer(caddyfile(site), "caddyfile")
+	return tester
+}
+
+// caddyfile returns a whole Caddyfile for the test ports around site.
+func caddyfile(site string) string {
+	return fmt.Sprintf(`{
+	admin localhost:2999
+	http_port 9080
+	https_port 9443
+	grace_period 1s
+	skip_install_trust
+}
+%s:9080 {
+%s
+}
+`, "http://localhost", site)
+}
+
+// ndjsonUpstream is an NDJSON endpoint the test writes lines to. Every
+// connected client gets each line as it is sent, flushed at once.
+type ndjsonUpstream struct {
+	*httptest.Server
+
+	mu       sync.Mutex
+	clients  map[chan string]struct{}
+	requests []*http.Request
+	changed  chan struct{}
+}
+
+func newNDJSONUpstream(t *testing.T) *ndjsonUpstream {
+	u := &ndjsonUpstream{clients: make(map[chan string]struct{}), changed: make(chan struct{})}
+	u.Server = httptest.NewServer(http.HandlerFunc(u.serve))
+	t.Cleanup(func() {
+		// The feed may still be connected, lingering, or reconnecting.
+		u.Config.SetKeepAlivesEnabled(false)
+		u.Listener.Close()
+		u.Disconnect()
+		u.CloseClientConnections()
+		u.Close()
+	})
+	return u
+}
+
+func (u *ndjsonUpstream) serve(w http.ResponseWriter, r *http.Request) {
+	lines := make(chan string, 1024)
+	u.mu.Lock()
+	u.clients[lines] = struct{}{}
+	u.requests = append(u.requests, r.Clone(context.Background()))
+	u.notify()
+	u.mu.Unlock()
+	defer func() {
+		u.mu.Lock()
+		delete(u.clients, lines)
+		u.notify()
+		u.mu.Unlock()
+	}()
+	w.Header().Set("Content-Type", "application/x-ndjson")
+	w.WriteHeader(http.StatusOK)
+	rc := http.NewResponseController(w)
+	_ = rc.Flush()
+	for {
+		select {
+		case line, ok := <-lines:
+			if !ok {
+				return
+			}
+			if _, err := io.WriteString(w, line); err != nil {
+				return
+			}
+			if err := rc.Flush(); err != nil {
+				return
+			}
+		case <-r.Context().Done():
+			return
+		}
+	}
+}
+
+// notify wakes waitFor; u.mu must be held.
+func (u *ndjsonUpstream) notify() {
+	close(u.changed)
+	u.changed = make(chan struct{})
+}
+
+// Send writes raw bytes, normally whole lines, to every connected client.
+func (u *ndjsonUpstream) Send(raw string) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	for c := range u.clients {
+		c <- raw
+	}
+}
+
+// Disconnect ends every client's response.
+func (u *ndjsonUpstream) Disconnect() {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	for c := range u.clients {
+		close(c)
+		delete(u.clients, c)
+	}
+	u.notify()
+}
+
+// Requests returns the requests received so far.
+func (u *ndjsonUpstream) Requests() []*http.Request {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return append([]*http.Request(nil), u.requests...)
+}
+
+// WaitConnected waits until exactly n clients are connected.
+func (u *ndjsonUpstream) WaitConnected(t *testing.T, n int) {
+	t.Helper()
+	deadline := time.After(10 * time.Second)
+	for {
+		u.mu.Lock()
+		count, changed := len(u.clients), u.changed
+		u.mu.Unlock()
+		if count == n {
+			return
+		}
+		select {
+		case <-changed:
+		case <-deadline:
+			t.Fatalf("upstream has %d clients, want %d", count, n)
+		}
+	}
+}
+
+// stream is one subscriber's response, read incrementally.
+type stream struct {
+	Response *http.Response
+	items    chan ssetest.Item
+	errs     chan error
+	cancel   context.CancelFunc
+}
+
+// openStream GETs path on the test site with the given headers (name,
+// value pairs) and starts reading its items. The stream is closed when the
+// test ends.
+func openStream(t *testing.T, path string, header ...string) *stream {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, siteURL+path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i+1 < len(header); i += 2 {
+		req.Header.Set(header[i], header[i+1])
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		cancel()
+		t.Fatalf("GET %s: %v", path, err)
+	}
+	s := &stream{Response: resp, items: make(chan ssetest.Item, 1024), errs: make(chan error, 1), cancel: cancel}
+	go func() {
+		r := ssetest.NewReader(resp.Body)
+		for {
+			item, err := r.Next()
+			if err != nil {
+				s.errs <- err
+				close(s.items)
+				return
+			}
+			s.items <- item
+		}
+	}()
+	t.Cleanup(s.Close)
+	return s
+}
+
+// Close hangs up.
+func (s *stream) Close() {
+	s.cancel()
+	s.Response.Body.Close()
+}
+
+// Next returns the next item, failing the test if none comes in time.
+func (s *stream) Next(t *testing.T) ssetest.Item {
+	t.Helper()
+	select {
+	case item, ok := <-s.items:
+		if !ok {
+			t.Fatalf("stream ended: %v", <-s.errs)
+		}
+		return item
+	case <-time.After(5 * time.Second):
+		t.Fatal("no item within 5s")
+	}
+	return ssetest.Item{}
+}
+
+// NextEvent returns the next event, skipping comments and retry fields.
+func (s *stream) NextEvent(t *testing.T) ssetest.Event {
+	t.Helper()
+	for {
+		if item := s.Next(t); item.Event != nil {
+			return *item.Event
+		}
+	}
+}
+
+// ExpectEnd waits for the server to end the stream.
+func (s *stream) ExpectEnd(t *testing.T, within time.Duration) {
+	t.Helper()
+	deadline := time.After(within)
+	for {
+		select {
+		case _, ok := <-s.items:
+			if !ok {
+				return
+			}
+		case <-deadline:
+			t.Fatalf("stream still open after %v", within)
+		}
+	}
+}
+
+// ExpectQuiet fails if an event arrives within d; comments are allowed.
+func (s *stream) ExpectQuiet(t *testing.T, d time.Duration) {
+	t.Helper()
+	deadline := time.After(d)
+	for {
+		select {
+		case item, ok := <-s.items:
+			if ok && item.Event != nil {
+				t.Fatalf("unexpected event %+v", *item.Event)
+			}
+		case <-deadline:
+			return
+		}
+	}
+}
+
