@@ -205,4 +205,3 @@ func parseCount(d *caddyfile.Dispenser, option, arg string, least int, dst *int)
 	*dst = n
 	return nil
 }
-

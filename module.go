@@ -274,10 +274,10 @@ func (h *Handler) mapping() (mapping, error) {
 func (h *Handler) feedConfig() any {
 	return struct {
 		Poll, Tail, Items, ID, Type, Event, Data, Order, Name string
-		Interval, Timeout, ReplayMaxAge, Linger           caddy.Duration
-		Header                                            map[string][]string
-		MaxBody                                           int64
-		Replay, ReplayBytes                               int
+		Interval, Timeout, ReplayMaxAge, Linger               caddy.Duration
+		Header                                                map[string][]string
+		MaxBody                                               int64
+		Replay, ReplayBytes                                   int
 	}{
 		h.Poll, h.Tail, h.Items, h.ID, h.Type, h.Event, h.Data, h.Order, h.Name,
 		h.Interval, h.Timeout, h.ReplayMaxAge, h.Linger,

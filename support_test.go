@@ -262,4 +262,3 @@ func (s *stream) ExpectQuiet(t *testing.T, d time.Duration) {
 		}
 	}
 }
-
