@@ -63,6 +63,7 @@ type feed struct {
 	mu          sync.Mutex
 	subscribers int
 	stopReader  context.CancelFunc // nil while no reader runs
+	readerDone  chan struct{}      // closed when the last reader started has returned
 	lingerGen   int                // invalidates linger timers that fired late
 	closed      bool
 
@@ -111,7 +112,17 @@ func (f *feed) subscribe(limit int) bool {
 		ctx, cancel := context.WithCancel(context.Background())
 		f.stopReader = cancel
 		f.logger.Info("feed started")
-		go f.source.Run(ctx, f)
+		// A reader stopped a moment ago may still be returning; the new one
+		// waits for it, so that one source never runs twice at once.
+		previous, done := f.readerDone, make(chan struct{})
+		f.readerDone = done
+		go func() {
+			defer close(done)
+			if previous != nil {
+				<-previous
+			}
+			f.source.Run(ctx, f)
+		}()
 	}
 	return true
 }
