@@ -91,21 +91,8 @@ func (s *stream) run(lastID string) {
 		s.heartbeat = time.NewTimer(time.Duration(s.h.Heartbeat))
 		defer s.heartbeat.Stop()
 	}
-	for ready := false; !ready; {
-		select {
-		case <-s.f.ready:
-			ready = true
-		case <-s.heartbeatC():
-			if !s.sendHeartbeat() {
-				return
-			}
-		case <-s.r.Context().Done():
-			return
-		case <-s.h.stopping:
-			return
-		case <-s.f.done:
-			return
-		}
+	if !s.await(s.f.ready) {
+		return
 	}
 
 	cursor := s.start(lastID)
@@ -130,16 +117,30 @@ func (s *stream) run(lastID string) {
 				continue
 			}
 		}
+		if !s.await(wake) {
+			return
+		}
+	}
+}
+
+// await waits until ch is closed, sending heartbeats meanwhile. It reports
+// false when the stream must end instead: the client left, a heartbeat
+// could not be written, the feed ended or Caddy is exiting.
+func (s *stream) await(ch <-chan struct{}) bool {
+	for {
 		select {
-		case <-wake:
+		case <-ch:
+			return true
 		case <-s.heartbeatC():
 			if !s.sendHeartbeat() {
-				return
+				return false
 			}
 		case <-s.r.Context().Done():
-			return
+			return false
 		case <-s.h.stopping:
-			return
+			return false
+		case <-s.f.done:
+			return false
 		}
 	}
 }
