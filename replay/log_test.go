@@ -1,0 +1,337 @@
+package replay
+
+import (
+	"errors"
+	"fmt"
+	"strconv"
+	"sync"
+	"testing"
+	"time"
+)
+
+// frame returns a frame with the given id, its key "k"+id and bytes of size n.
+func frame(id string, n int) Frame {
+	return Frame{ID: id, Key: "k" + id, Bytes: make([]byte, n)}
+}
+
+// readAll reads every frame after cursor and returns the frames' ids, which
+// tests put in the bytes.
+func readAll(t *testing.T, l *Log, cursor uint64) []string {
+	t.Helper()
+	frames, _, _, err := l.Read(cursor, nil, 1<<30)
+	if err != nil {
+		t.Fatalf("Read(%d): %v", cursor, err)
+	}
+	ids := make([]string, len(frames))
+	for i, b := range frames {
+		ids[i] = string(b)
+	}
+	return ids
+}
+
+// appendNamed appends frames whose bytes are their ids, each in its own Append.
+func appendNamed(l *Log, ids ...string) {
+	for _, id := range ids {
+		l.Append(Frame{ID: id, Key: "k" + id, Bytes: []byte(id)})
+	}
+}
+
+// fakeClock is a settable clock for the log's now field.
+type fakeClock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func (c *fakeClock) now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.t
+}
+
+func (c *fakeClock) advance(d time.Duration) {
+	c.mu.Lock()
+	c.t = c.t.Add(d)
+	c.mu.Unlock()
+}
+
+// newClockedLog returns a log whose clock the test moves.
+func newClockedLog(limits Limits) (*Log, *fakeClock) {
+	clock := &fakeClock{t: time.Date(2025, 1, 1, 0, 0, 0, 0, time.UTC)}
+	l := New(limits)
+	l.now = clock.now
+	return l, clock
+}
+
+func equal(a, b []string) bool {
+	return fmt.Sprint(a) == fmt.Sprint(b)
+}
+
+func TestEvictByCount(t *testing.T) {
+	l := New(Limits{Count: 3})
+	appendNamed(l, "a", "b", "c", "d", "e")
+	if got := readAll(t, l, l.Tail(10)); !equal(got, []string{"c", "d", "e"}) {
+		t.Errorf("retained %v, want [c d e]", got)
+	}
+	if _, ok := l.After("b"); ok {
+		t.Error("After(b) found an evicted frame")
+	}
+	if l.HasKey("kb") {
+		t.Error("HasKey(kb) found an evicted frame")
+	}
+	if !l.HasKey("kc") {
+		t.Error("HasKey(kc) lost a retained frame")
+	}
+}
+
+func TestEvictByBytes(t *testing.T) {
+	tests := []struct {
+		name  string
+		sizes []int
+		want  []string
+	}{
+		{"under the bound", []int{3, 3, 3}, []string{"0", "1", "2"}},
+		{"at the bound", []int{4, 3, 3}, []string{"0", "1", "2"}},
+		{"over the bound", []int{4, 4, 4}, []string{"1", "2"}},
+		{"newest alone over the bound is kept", []int{2, 2, 50}, []string{"2"}},
+		{"oversized older frame goes", []int{50, 2}, []string{"1"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			l := New(Limits{Bytes: 10})
+			for i, n := range tt.sizes {
+				l.Append(frame(strconv.Itoa(i), n))
+			}
+			var got []string
+			for i := range tt.sizes {
+				if _, ok := l.After(strconv.Itoa(i)); ok {
+					got = append(got, strconv.Itoa(i))
+				}
+			}
+			if !equal(got, tt.want) {
+				t.Errorf("retained %v, want %v", got, tt.want)
+			}
+		})
+	}
+}
+
+func TestEvictByAge(t *testing.T) {
+	l, clock := newClockedLog(Limits{MaxAge: time.Minute})
+	appendNamed(l, "a")
+	clock.advance(30 * time.Second)
+	appendNamed(l, "b")
+	clock.advance(31 * time.Second)
+	appendNamed(l, "c") // a is now 61s old
+	if got := readAll(t, l, l.Tail(10)); !equal(got, []string{"b", "c"}) {
+		t.Errorf("after append: retained %v, want [b c]", got)
+	}
+
+	clock.advance(40 * time.Second) // b is 71s old, c 40s
+	l.Expire()
+	if got := readAll(t, l, l.Tail(10)); !equal(got, []string{"c"}) {
+		t.Errorf("after Expire: retained %v, want [c]", got)
+	}
+
+	clock.advance(time.Hour)
+	l.Expire()
+	if got := readAll(t, l, l.Tail(10)); !equal(got, []string{"c"}) {
+		t.Errorf("the newest frame must stay for a document feed; retained %v", got)
+	}
+	if _, ok := l.After("c"); ok {
+		t.Error("After found a frame older than MaxAge")
+	}
+}
+
+func TestAfter(t *testing.T) {
+	l, clock := newClockedLog(Limits{Count: 3, MaxAge: time.Minute})
+	appendNamed(l, "a", "b")
+	clock.advance(50 * time.Second)
+	appendNamed(l, "c", "d", "e")
+	clock.advance(20 * time.Second) // c, d, e are 20s old
+	tests := []struct {
+		id    string
+		ok    bool
+		after []string
+	}{
+		{"c", true, []string{"d", "e"}},
+		{"e", true, nil},
+		{"a", false, nil}, // evicted
+		{"x", false, nil}, // never seen
+		{"", false, nil},
+	}
+	for _, tt := range tests {
+		cursor, ok := l.After(tt.id)
+		if ok != tt.ok {
+			t.Errorf("After(%q) ok = %v, want %v", tt.id, ok, tt.ok)
+			continue
+		}
+		if ok {
+			if got := readAll(t, l, cursor); !equal(got, tt.after) {
+				t.Errorf("after %q read %v, want %v", tt.id, got, tt.after)
+			}
+		}
+	}
+
+	clock.advance(time.Minute) // all retained frames have expired
+	if _, ok := l.After("e"); ok {
+		t.Error("After(e) found an expired frame")
+	}
+}
+
+func TestTail(t *testing.T) {
+	l := New(Limits{Count: 4})
+	if c := l.Tail(3); c != l.Next() {
+		t.Errorf("Tail(3) of an empty log = %d, want Next() = %d", c, l.Next())
+	}
+	appendNamed(l, "a", "b", "c", "d", "e", "f")
+	tests := []struct {
+		n    int
+		want []string
+	}{
+		{0, nil},
+		{1, []string{"f"}},
+		{3, []string{"d", "e", "f"}},
+		{4, []string{"c", "d", "e", "f"}},
+		{100, []string{"c", "d", "e", "f"}},
+	}
+	for _, tt := range tests {
+		if got := readAll(t, l, l.Tail(tt.n)); !equal(got, tt.want) {
+			t.Errorf("Tail(%d) reads %v, want %v", tt.n, got, tt.want)
+		}
+	}
+}
+
+func TestRead(t *testing.T) {
+	l := New(Limits{Count: 3})
+	start := l.Next()
+	l.Append(Frame{ID: "a", Bytes: []byte("a")}, Frame{ID: "b", Bytes: []byte("b")})
+
+	frames, cursor, _, err := l.Read(start, nil, 1)
+	if err != nil || len(frames) != 1 || string(frames[0]) != "a" {
+		t.Fatalf("Read max 1 = %q, %v; want [a]", frames, err)
+	}
+	frames, cursor, _, err = l.Read(cursor, frames, 10)
+	if err != nil || !equal(toStrings(frames), []string{"a", "b"}) {
+		t.Fatalf("Read appending to dst = %q, %v; want [a b]", frames, err)
+	}
+	if cursor != l.Next() {
+		t.Errorf("cursor after reading everything = %d, want Next() = %d", cursor, l.Next())
+	}
+	frames, after, _, err := l.Read(cursor, nil, 10)
+	if err != nil || len(frames) != 0 || after != cursor {
+		t.Errorf("Read at the end = %q, %d, %v; want nothing at %d", frames, after, err, cursor)
+	}
+
+	appendNamed(l, "c", "d") // evicts a
+	if _, _, _, err := l.Read(start, nil, 10); !errors.Is(err, ErrEvicted) {
+		t.Errorf("Read before the oldest frame: err = %v, want ErrEvicted", err)
+	}
+	l.Close()
+	if _, _, _, err := l.Read(l.Tail(1), nil, 10); !errors.Is(err, ErrClosed) {
+		t.Errorf("Read after Close: err = %v, want ErrClosed", err)
+	}
+}
+
+func toStrings(frames [][]byte) []string {
+	s := make([]string, len(frames))
+	for i, b := range frames {
+		s[i] = string(b)
+	}
+	return s
+}
+
+func isClosed(ch <-chan struct{}) bool {
+	select {
+	case <-ch:
+		return true
+	default:
+		return false
+	}
+}
+
+func TestWake(t *testing.T) {
+	l := New(Limits{})
+	_, cursor, wake, _ := l.Read(l.Next(), nil, 10)
+	l.Append()
+	l.Expire()
+	if isClosed(wake) {
+		t.Fatal("wake closed before anything was appended")
+	}
+	appendNamed(l, "a")
+	if !isClosed(wake) {
+		t.Fatal("wake not closed by Append")
+	}
+
+	_, _, wake, _ = l.Read(cursor, nil, 10)
+	if isClosed(wake) {
+		t.Fatal("a fresh wake channel is already closed")
+	}
+	l.Close()
+	if !isClosed(wake) {
+		t.Fatal("wake not closed by Close")
+	}
+	l.Close() // a second Close must not panic
+	appendNamed(l, "b")
+	if _, ok := l.After("b"); ok {
+		t.Error("Append after Close added a frame")
+	}
+}
+
+func TestMapsShrinkOnEviction(t *testing.T) {
+	l := New(Limits{Count: 10})
+	for i := range 100_000 {
+		id := strconv.Itoa(i)
+		l.Append(Frame{ID: id, Key: "k" + id, Bytes: []byte(id)})
+	}
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	if len(l.ids) != 10 || len(l.keys) != 10 || l.retained() != 10 {
+		t.Errorf("after 100k appends: %d ids, %d keys, %d frames; want 10 each",
+			len(l.ids), len(l.keys), l.retained())
+	}
+	if cap(l.frames) > 64 {
+		t.Errorf("frame slice capacity %d: the evicted prefix is not reclaimed", cap(l.frames))
+	}
+}
+
+// TestConcurrentReaders has one appender and many readers that follow
+// cursors; each reader must see every frame exactly once, in order.
+func TestConcurrentReaders(t *testing.T) {
+	const frames, readers = 2000, 16
+	l := New(Limits{Count: frames})
+	start := l.Next()
+	var wg sync.WaitGroup
+	errs := make(chan error, readers)
+	for range readers {
+		wg.Go(func() {
+			cursor, want := start, 0
+			var buf [][]byte
+			for want < frames {
+				var wake <-chan struct{}
+				var err error
+				buf, cursor, wake, err = l.Read(cursor, buf[:0], 7)
+				if err != nil {
+					errs <- err
+					return
+				}
+				for _, b := range buf {
+					if got := string(b); got != strconv.Itoa(want) {
+						errs <- fmt.Errorf("read frame %q, want %d", got, want)
+						return
+					}
+					want++
+				}
+				if len(buf) == 0 {
+					<-wake
+				}
+			}
+		})
+	}
+	for i := range frames {
+		l.Append(Frame{ID: strconv.Itoa(i), Bytes: []byte(strconv.Itoa(i))})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+}
