@@ -133,7 +133,11 @@ func (lr *LineReader) Next() ([]byte, error) {
 	for {
 		chunk, err := lr.r.ReadSlice('\n')
 		if !tooLong {
-			if int64(len(line)+len(chunk)) > lr.max+1 { // +1 for the LF
+			n := len(line) + len(chunk)
+			if err == nil {
+				n-- // the LF ends the line and is not part of it
+			}
+			if int64(n) > lr.max {
 				tooLong, line = true, nil
 			} else {
 				line = append(line, chunk...)
