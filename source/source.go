@@ -129,12 +129,13 @@ func checkStatus(resp *http.Response, now time.Time) error {
 }
 
 // parseRetryAfter reads a Retry-After value in seconds or as an HTTP date.
+// Seconds are capped at maxRetryAfter so that a huge value cannot overflow.
 func parseRetryAfter(v string, now time.Time) time.Duration {
 	if v == "" {
 		return 0
 	}
 	if secs, err := strconv.Atoi(v); err == nil && secs > 0 {
-		return time.Duration(secs) * time.Second
+		return time.Duration(min(secs, int(maxRetryAfter/time.Second))) * time.Second
 	}
 	if t, err := http.ParseTime(v); err == nil && t.After(now) {
 		return t.Sub(now)
