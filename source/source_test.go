@@ -1,0 +1,307 @@
+package source
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"testing/iotest"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// fakeObserver records what a source reports.
+type fakeObserver struct {
+	mu       sync.Mutex
+	requests []string
+	errors   []string
+}
+
+func (o *fakeObserver) UpstreamRequest(result string) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.requests = append(o.requests, result)
+}
+
+func (o *fakeObserver) UpstreamError(reason string) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.errors = append(o.errors, reason)
+}
+
+// calls returns copies of the results and reasons recorded so far.
+func (o *fakeObserver) calls() (requests, errors []string) {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return slices.Clone(o.requests), slices.Clone(o.errors)
+}
+
+// fakeSink records published batches and serves a settable last id.
+type fakeSink struct {
+	batches chan []string
+
+	mu     sync.Mutex
+	lastID string
+}
+
+func newFakeSink() *fakeSink {
+	return &fakeSink{batches: make(chan []string, 100)}
+}
+
+func (s *fakeSink) Publish(values []json.RawMessage) {
+	batch := make([]string, len(values))
+	for i, v := range values {
+		batch[i] = string(v)
+	}
+	s.batches <- batch
+}
+
+func (s *fakeSink) LastID() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.lastID
+}
+
+func (s *fakeSink) setLastID(id string) {
+	s.mu.Lock()
+	s.lastID = id
+	s.mu.Unlock()
+}
+
+// next returns the next published batch, failing the test if none comes
+// within 5s.
+func (s *fakeSink) next(t *testing.T) []string {
+	t.Helper()
+	select {
+	case b := <-s.batches:
+		return b
+	case <-time.After(5 * time.Second):
+		t.Fatal("nothing published within 5s")
+		return nil
+	}
+}
+
+// expectBatch fails the test unless the next published batch is want.
+func (s *fakeSink) expectBatch(t *testing.T, want ...string) {
+	t.Helper()
+	if got := s.next(t); !slices.Equal(got, want) {
+		t.Fatalf("published %q, want %q", got, want)
+	}
+}
+
+// expectNothing fails the test if anything was published.
+func (s *fakeSink) expectNothing(t *testing.T) {
+	t.Helper()
+	select {
+	case b := <-s.batches:
+		t.Fatalf("published %q, want nothing", b)
+	default:
+	}
+}
+
+// testConfig returns a config for url with small limits and fast retries.
+func testConfig(url string, obs Observer) Config {
+	return Config{
+		URL:      url,
+		Header:   http.Header{},
+		Timeout:  2 * time.Second,
+		MaxBody:  1 << 10,
+		Backoff:  Backoff{Initial: 10 * time.Millisecond, Max: 50 * time.Millisecond},
+		Logger:   zap.NewNop(),
+		Observer: obs,
+	}
+}
+
+// refusedURL returns a loopback URL on which nothing listens.
+func refusedURL(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	return "http://" + addr + "/"
+}
+
+// readLines reads r to its end with a LineReader and returns the lines and
+// how many were too long.
+func readLines(t *testing.T, r io.Reader, max int64) (lines []string, tooLong int) {
+	t.Helper()
+	lr := NewLineReader(r, max)
+	for {
+		line, err := lr.Next()
+		switch {
+		case errors.Is(err, errLineTooLong):
+			tooLong++
+		case errors.Is(err, io.EOF):
+			return lines, tooLong
+		case err != nil:
+			t.Fatalf("Next: %v", err)
+		default:
+			if int64(len(line)) > max {
+				t.Fatalf("line of %d bytes over max %d: %q", len(line), max, line)
+			}
+			lines = append(lines, string(line))
+		}
+	}
+}
+
+func TestLineReader(t *testing.T) {
+	tests := []struct {
+		name    string
+		input   string
+		max     int64
+		lines   []string
+		tooLong int
+	}{
+		{"LF", "{}\n[1]\n", 8, []string{"{}", "[1]"}, 0},
+		{"CRLF", "{}\r\n[1]\r\n", 8, []string{"{}", "[1]"}, 0},
+		{"no final newline", "{}\n[1]", 8, []string{"{}", "[1]"}, 0},
+		{"empty lines", "\n\n{}\n\n", 8, []string{"", "", "{}", ""}, 0},
+		{"white space trimmed", " \t{} \t\n", 8, []string{"{}"}, 0},
+		{"line at max", "12345678\n", 8, []string{"12345678"}, 0},
+		{"line over max skipped", "123456789\n[2]\n", 8, []string{"[2]"}, 1},
+		{"unterminated line at max", "{}\n12345678", 8, []string{"{}", "12345678"}, 0},
+		{"unterminated line over max", "{}\n123456789", 8, []string{"{}"}, 1},
+		{"long line never ends", "[1]\n" + strings.Repeat("x", 200<<10), 1 << 10, []string{"[1]"}, 1},
+		{"long line over the buffer then a line", strings.Repeat("x", 200<<10) + "\n[3]\n", 1 << 10, []string{"[3]"}, 1},
+		{"empty input", "", 8, nil, 0},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			for _, r := range []io.Reader{strings.NewReader(tt.input), iotest.OneByteReader(strings.NewReader(tt.input))} {
+				lines, tooLong := readLines(t, r, tt.max)
+				if !slices.Equal(lines, tt.lines) || tooLong != tt.tooLong {
+					t.Errorf("got %q and %d too long, want %q and %d", lines, tooLong, tt.lines, tt.tooLong)
+				}
+			}
+		})
+	}
+}
+
+func TestLineBuffered(t *testing.T) {
+	lr := NewLineReader(strings.NewReader("[1]\n[2]\n[3]"), 8)
+	for _, want := range []bool{true, false} {
+		if _, err := lr.Next(); err != nil {
+			t.Fatal(err)
+		}
+		if got := lr.LineBuffered(); got != want {
+			t.Fatalf("LineBuffered = %v, want %v", got, want)
+		}
+	}
+}
+
+// FuzzLineReader checks the LineReader against a plain split of the input:
+// it never panics, never returns a line over max, and returns exactly the
+// trimmed lines that fit, in order.
+func FuzzLineReader(f *testing.F) {
+	f.Add([]byte("{}\n[1]\r\n\n  \"x\"  \n"), uint8(4))
+	f.Add([]byte("12345\n123\n1234"), uint8(4))
+	f.Add([]byte("\r\r\n\xff\xfe\n\x00"), uint8(1))
+	f.Add([]byte(strings.Repeat("a", 300)+"\nb"), uint8(0))
+	f.Fuzz(func(t *testing.T, input []byte, maxLen uint8) {
+		max := int64(maxLen % 64)
+		var want []string
+		wantTooLong := 0
+		pieces := bytes.Split(input, []byte("\n"))
+		if len(pieces[len(pieces)-1]) == 0 {
+			pieces = pieces[:len(pieces)-1] // the input ends with LF, or is empty
+		}
+		for _, p := range pieces {
+			if int64(len(p)) > max {
+				wantTooLong++
+			} else {
+				want = append(want, string(bytes.TrimSpace(p)))
+			}
+		}
+		lines, tooLong := readLines(t, bytes.NewReader(input), max)
+		if !slices.Equal(lines, want) || tooLong != wantTooLong {
+			t.Fatalf("got %q and %d too long, want %q and %d", lines, tooLong, want, wantTooLong)
+		}
+	})
+}
+
+func TestBackoffDelay(t *testing.T) {
+	b := Backoff{Initial: 100 * time.Millisecond, Max: time.Second}
+	tests := []struct {
+		attempt    int
+		retryAfter time.Duration
+		min, max   time.Duration
+	}{
+		{1, 0, 50 * time.Millisecond, 100 * time.Millisecond},
+		{2, 0, 100 * time.Millisecond, 200 * time.Millisecond},
+		{3, 0, 200 * time.Millisecond, 400 * time.Millisecond},
+		{5, 0, 500 * time.Millisecond, time.Second},     // 1.6s capped at Max
+		{1000, 0, 500 * time.Millisecond, time.Second},  // no overflow
+		{1, 30 * time.Second, 30 * time.Second, 30 * time.Second},
+		{1, time.Hour, maxRetryAfter, maxRetryAfter},
+		{4, 10 * time.Millisecond, 400 * time.Millisecond, 800 * time.Millisecond},
+	}
+	for _, tt := range tests {
+		for range 200 {
+			if d := b.Delay(tt.attempt, tt.retryAfter); d < tt.min || d > tt.max {
+				t.Fatalf("Delay(%d, %v) = %v, want within [%v, %v]", tt.attempt, tt.retryAfter, d, tt.min, tt.max)
+			}
+		}
+	}
+}
+
+func TestParseRetryAfter(t *testing.T) {
+	now := time.Date(2025, 6, 1, 12, 0, 0, 0, time.UTC)
+	tests := []struct {
+		value string
+		want  time.Duration
+	}{
+		{"", 0},
+		{"120", 2 * time.Minute},
+		{"0", 0},
+		{"-5", 0},
+		{"soon", 0},
+		{"99999999999999", maxRetryAfter},
+		{now.Add(90 * time.Second).Format(http.TimeFormat), 90 * time.Second},
+		{now.Add(-time.Hour).Format(http.TimeFormat), 0},
+		{"Sun, 01 Jun 2025 12:05:00 GMT", 5 * time.Minute},
+	}
+	for _, tt := range tests {
+		if got := parseRetryAfter(tt.value, now); got != tt.want {
+			t.Errorf("parseRetryAfter(%q) = %v, want %v", tt.value, got, tt.want)
+		}
+	}
+}
+
+func TestNewRequestReplacesLastID(t *testing.T) {
+	c := testConfig("http://127.0.0.1/items?since={sse_feed.last_id}&limit=10", nil)
+	c.Header.Set("X-Since", "{sse_feed.last_id}")
+	c.Header.Add("X-Both", "a")
+	c.Header.Add("X-Both", "b")
+	tests := []struct{ lastID, escaped string }{
+		{"", ""},
+		{"42", "42"},
+		{"a b&c", "a+b%26c"},
+		{"x/y?z=#", "x%2Fy%3Fz%3D%23"},
+	}
+	for _, tt := range tests {
+		req, err := c.newRequest(context.Background(), tt.lastID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := "since=" + tt.escaped + "&limit=10"; req.URL.RawQuery != want {
+			t.Errorf("last id %q: query %q, want %q", tt.lastID, req.URL.RawQuery, want)
+		}
+		if got := req.Header.Get("X-Since"); got != tt.escaped {
+			t.Errorf("last id %q: header %q, want %q", tt.lastID, got, tt.escaped)
+		}
+		if got := req.Header.Values("X-Both"); !slices.Equal(got, []string{"a", "b"}) {
+			t.Errorf("repeated header = %q, want [a b]", got)
+		}
+	}
+}
