@@ -240,8 +240,8 @@ func TestBackoffDelay(t *testing.T) {
 		{1, 0, 50 * time.Millisecond, 100 * time.Millisecond},
 		{2, 0, 100 * time.Millisecond, 200 * time.Millisecond},
 		{3, 0, 200 * time.Millisecond, 400 * time.Millisecond},
-		{5, 0, 500 * time.Millisecond, time.Second},     // 1.6s capped at Max
-		{1000, 0, 500 * time.Millisecond, time.Second},  // no overflow
+		{5, 0, 500 * time.Millisecond, time.Second},    // 1.6s capped at Max
+		{1000, 0, 500 * time.Millisecond, time.Second}, // no overflow
 		{1, 30 * time.Second, 30 * time.Second, 30 * time.Second},
 		{1, time.Hour, maxRetryAfter, maxRetryAfter},
 		{4, 10 * time.Millisecond, 400 * time.Millisecond, 800 * time.Millisecond},
