@@ -1,0 +1,363 @@
+package source
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"net/http/httptest"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// pollUpstream serves a document that the test changes, and records the
+// requests it got.
+type pollUpstream struct {
+	*httptest.Server
+
+	mu       sync.Mutex
+	body     string
+	header   http.Header // sent with each 200
+	requests []*http.Request
+}
+
+func newPollUpstream(t *testing.T, body string) *pollUpstream {
+	u := &pollUpstream{body: body, header: http.Header{}}
+	u.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		u.mu.Lock()
+		defer u.mu.Unlock()
+		u.requests = append(u.requests, r.Clone(context.Background()))
+		if inm := r.Header.Get("If-None-Match"); inm != "" && inm == u.header.Get("ETag") {
+			w.WriteHeader(http.StatusNotModified)
+			return
+		}
+		if ims := r.Header.Get("If-Modified-Since"); ims != "" && ims == u.header.Get("Last-Modified") {
+			w.WriteHeader(http.StatusNotModified)
+			return
+		}
+		for name, values := range u.header {
+			w.Header()[name] = values
+		}
+		w.Write([]byte(u.body))
+	}))
+	t.Cleanup(u.Close)
+	return u
+}
+
+// set changes the document and the headers sent with it.
+func (u *pollUpstream) set(body string, header ...string) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	u.body = body
+	u.header = http.Header{}
+	for i := 0; i+1 < len(header); i += 2 {
+		u.header.Set(header[i], header[i+1])
+	}
+}
+
+// lastRequest returns the last request the upstream got.
+func (u *pollUpstream) lastRequest(t *testing.T) *http.Request {
+	t.Helper()
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if len(u.requests) == 0 {
+		t.Fatal("the upstream got no request")
+	}
+	return u.requests[len(u.requests)-1]
+}
+
+// poller is a Poll on a URL with its observer and sink, polled one request
+// at a time by the test.
+type poller struct {
+	*Poll
+	obs    *fakeObserver
+	sink   *fakeSink
+	client *http.Client
+}
+
+func newPoller(url string) *poller {
+	obs := &fakeObserver{}
+	p := &Poll{Config: testConfig(url, obs), Interval: 10 * time.Millisecond}
+	client := newClient(0)
+	client.Timeout = p.Timeout
+	return &poller{Poll: p, obs: obs, sink: newFakeSink(), client: client}
+}
+
+// once makes one poll.
+func (p *poller) once() error {
+	return p.poll(context.Background(), p.client, p.sink)
+}
+
+// mustPoll makes one poll that must succeed.
+func (p *poller) mustPoll(t *testing.T) {
+	t.Helper()
+	if err := p.once(); err != nil {
+		t.Fatalf("poll: %v", err)
+	}
+}
+
+// expectRequests fails the test unless the observer saw exactly these
+// request results and error reasons.
+func (p *poller) expectRequests(t *testing.T, requests []string, errs ...string) {
+	t.Helper()
+	gotRequests, gotErrors := p.obs.calls()
+	if !slices.Equal(gotRequests, requests) || !slices.Equal(gotErrors, errs) {
+		t.Fatalf("observed requests %q and errors %q, want %q and %q", gotRequests, gotErrors, requests, errs)
+	}
+}
+
+func TestPollETag(t *testing.T) {
+	u := newPollUpstream(t, `{"v":1}`)
+	u.set(`{"v":1}`, "ETag", `"v1"`)
+	p := newPoller(u.URL)
+
+	p.mustPoll(t)
+	p.sink.expectBatch(t, `{"v":1}`)
+	p.mustPoll(t)
+	if got := u.lastRequest(t).Header.Get("If-None-Match"); got != `"v1"` {
+		t.Fatalf("If-None-Match = %q, want the ETag", got)
+	}
+	p.sink.expectNothing(t)
+
+	u.set(`{"v":2}`, "ETag", `"v2"`)
+	p.mustPoll(t)
+	p.sink.expectBatch(t, `{"v":2}`)
+	p.expectRequests(t, []string{"ok", "not_modified", "ok"})
+}
+
+func TestPollLastModified(t *testing.T) {
+	const modified = "Sun, 01 Jun 2025 12:00:00 GMT"
+	u := newPollUpstream(t, "")
+	u.set(`[1]`, "Last-Modified", modified)
+	p := newPoller(u.URL)
+
+	p.mustPoll(t)
+	p.sink.expectBatch(t, `[1]`)
+	p.mustPoll(t)
+	if got := u.lastRequest(t).Header.Get("If-Modified-Since"); got != modified {
+		t.Fatalf("If-Modified-Since = %q, want %q", got, modified)
+	}
+	if got := u.lastRequest(t).Header.Get("If-None-Match"); got != "" {
+		t.Fatalf("If-None-Match = %q without an ETag", got)
+	}
+	p.sink.expectNothing(t)
+	p.expectRequests(t, []string{"ok", "not_modified"})
+}
+
+func TestPollWithoutValidators(t *testing.T) {
+	u := newPollUpstream(t, `{"v":1}`)
+	p := newPoller(u.URL)
+
+	p.mustPoll(t)
+	p.sink.expectBatch(t, `{"v":1}`)
+	p.mustPoll(t)
+	p.sink.expectNothing(t)
+	if r := u.lastRequest(t); r.Header.Get("If-None-Match") != "" || r.Header.Get("If-Modified-Since") != "" {
+		t.Fatalf("validators sent that the upstream never gave: %v", r.Header)
+	}
+
+	u.set(`{"v":2}`)
+	p.mustPoll(t)
+	p.sink.expectBatch(t, `{"v":2}`)
+	u.set(`{"v":1}`)
+	p.mustPoll(t)
+	p.sink.expectBatch(t, `{"v":1}`)
+	p.expectRequests(t, []string{"ok", "ok", "ok", "ok"})
+}
+
+func TestPollFailures(t *testing.T) {
+	tests := []struct {
+		name    string
+		handler http.HandlerFunc
+		result  string
+		reason  string
+	}{
+		{"non-2xx", func(w http.ResponseWriter, r *http.Request) {
+			http.Error(w, `{"error":"boom"}`, http.StatusInternalServerError)
+		}, "error", ReasonStatus},
+		{"invalid JSON", func(w http.ResponseWriter, r *http.Request) {
+			w.Write([]byte(`{"v":`))
+		}, "error", ReasonInvalidJSON},
+		{"body over max_body", func(w http.ResponseWriter, r *http.Request) {
+			w.Write([]byte(`"` + strings.Repeat("x", 1<<10) + `"`))
+		}, "error", ReasonTooLarge},
+		{"body cut short", func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Length", "100")
+			w.Write([]byte(`{"v":1}`))
+		}, "error", ReasonRead},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			srv := httptest.NewServer(tt.handler)
+			defer srv.Close()
+			p := newPoller(srv.URL)
+			if err := p.once(); err == nil {
+				t.Fatal("poll succeeded")
+			}
+			p.sink.expectNothing(t)
+			p.expectRequests(t, []string{tt.result}, tt.reason)
+		})
+	}
+}
+
+func TestPollRefusedConnection(t *testing.T) {
+	p := newPoller(refusedURL(t))
+	if err := p.once(); err == nil {
+		t.Fatal("poll succeeded")
+	}
+	p.sink.expectNothing(t)
+	p.expectRequests(t, []string{"error"}, ReasonConnect)
+}
+
+func TestPollTimeout(t *testing.T) {
+	release := make(chan struct{})
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-release:
+		case <-r.Context().Done():
+		}
+	}))
+	defer srv.Close()
+	defer close(release)
+	p := newPoller(srv.URL)
+	p.client.Timeout = 50 * time.Millisecond
+	if err := p.once(); err == nil {
+		t.Fatal("poll of an upstream that never answers succeeded")
+	}
+	p.sink.expectNothing(t)
+	p.expectRequests(t, []string{"error"}, ReasonConnect)
+}
+
+func TestPollRetryAfter(t *testing.T) {
+	date := time.Now().Add(5 * time.Minute).UTC().Format(http.TimeFormat)
+	tests := []struct {
+		status     int
+		retryAfter string
+		min, max   time.Duration
+	}{
+		{http.StatusTooManyRequests, "120", 120 * time.Second, 120 * time.Second},
+		{http.StatusServiceUnavailable, date, 4 * time.Minute, 5 * time.Minute},
+		{http.StatusServiceUnavailable, "86400", maxRetryAfter, maxRetryAfter},
+		{http.StatusInternalServerError, "120", 0, 50 * time.Millisecond}, // only 429 and 503 carry it
+	}
+	for _, tt := range tests {
+		srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Retry-After", tt.retryAfter)
+			w.WriteHeader(tt.status)
+		}))
+		p := newPoller(srv.URL)
+		err := p.once()
+		srv.Close()
+		if err == nil {
+			t.Fatalf("%d: poll succeeded", tt.status)
+		}
+		if delay := p.Backoff.Delay(1, retryAfterOf(err)); delay < tt.min || delay > tt.max {
+			t.Errorf("%d with Retry-After %q: delay %v, want within [%v, %v]", tt.status, tt.retryAfter, delay, tt.min, tt.max)
+		}
+		p.sink.expectNothing(t)
+	}
+}
+
+func TestPollRedirect(t *testing.T) {
+	target := newPollUpstream(t, `{"secret":true}`)
+	mux := http.NewServeMux()
+	mux.Handle("/elsewhere", http.RedirectHandler(target.URL+"/doc", http.StatusFound))
+	mux.Handle("/moved", http.RedirectHandler("/doc", http.StatusMovedPermanently))
+	mux.HandleFunc("/doc", func(w http.ResponseWriter, r *http.Request) {
+		w.Write([]byte(`{"here":` + `"` + r.Header.Get("X-Key") + `"}`))
+	})
+	srv := httptest.NewServer(mux)
+	defer srv.Close()
+
+	p := newPoller(srv.URL + "/elsewhere")
+	p.Header.Set("X-Key", "k")
+	if err := p.once(); !errors.Is(err, errRedirect) {
+		t.Fatalf("redirect to another host: err = %v, want %v", err, errRedirect)
+	}
+	p.sink.expectNothing(t)
+	target.mu.Lock()
+	if n := len(target.requests); n != 0 {
+		t.Errorf("the other host got %d requests", n)
+	}
+	target.mu.Unlock()
+
+	p = newPoller(srv.URL + "/moved")
+	p.Header.Set("X-Key", "k")
+	p.mustPoll(t)
+	p.sink.expectBatch(t, `{"here":"k"}`)
+}
+
+func TestPollLastID(t *testing.T) {
+	u := newPollUpstream(t, `[]`)
+	p := newPoller(u.URL + "/items?since={sse_feed.last_id}")
+	p.Header.Set("X-Since", "{sse_feed.last_id}")
+
+	p.mustPoll(t)
+	if r := u.lastRequest(t); r.URL.RawQuery != "since=" || r.Header.Get("X-Since") != "" {
+		t.Errorf("before any event: query %q, header %q; want both empty", r.URL.RawQuery, r.Header.Get("X-Since"))
+	}
+	p.sink.setLastID("a b&c")
+	p.mustPoll(t)
+	if r := u.lastRequest(t); r.URL.RawQuery != "since=a+b%26c" || r.Header.Get("X-Since") != "a+b%26c" {
+		t.Errorf("query %q, header %q; want since=a+b%%26c and a+b%%26c", r.URL.RawQuery, r.Header.Get("X-Since"))
+	}
+}
+
+// TestPollRun checks the loop: it polls at the interval, backs off after a
+// failure, publishes again after recovery, and returns when ctx ends.
+func TestPollRun(t *testing.T) {
+	var mu sync.Mutex
+	status := http.StatusOK
+	body := `{"v":1}`
+	requests := make(chan struct{}, 100)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		defer mu.Unlock()
+		requests <- struct{}{}
+		w.WriteHeader(status)
+		w.Write([]byte(body))
+	}))
+	defer srv.Close()
+	set := func(s int, b string) {
+		mu.Lock()
+		status, body = s, b
+		mu.Unlock()
+	}
+	waitRequests := func(n int) {
+		t.Helper()
+		for range n {
+			select {
+			case <-requests:
+			case <-time.After(5 * time.Second):
+				t.Fatal("the poller stopped polling")
+			}
+		}
+	}
+
+	p := newPoller(srv.URL)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		p.Run(ctx, p.sink)
+	}()
+	p.sink.expectBatch(t, `{"v":1}`)
+	waitRequests(3)
+	set(http.StatusBadGateway, "")
+	waitRequests(3)
+	set(http.StatusOK, `{"v":2}`)
+	p.sink.expectBatch(t, `{"v":2}`)
+	cancel()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("Run did not return after its context ended")
+	}
+	p.sink.expectNothing(t)
+	_, errs := p.obs.calls()
+	if !slices.Contains(errs, ReasonStatus) {
+		t.Errorf("errors %q, want a %q", errs, ReasonStatus)
+	}
+}
