@@ -56,6 +56,8 @@ type result struct {
 	maxLatency time.Duration
 	burst      time.Duration // from the first event sent to the last subscriber done
 	clientCPU  time.Duration
+
+	heapPerSub, stackPerSub float64 // with -profile: Go heap and stack in use per idle subscriber
 }
 
 func main() {
@@ -152,6 +154,12 @@ func run(cfg config, target string) (result, error) {
 		return r, err
 	}
 	r.rssBefore = before.rss
+	var memBefore memStats
+	if cfg.profile != "" {
+		if memBefore, err = readMemStats(ctx, srv.debug); err != nil {
+			log.Printf("%s: memstats: %v", target, err)
+		}
+	}
 
 	start := time.Now()
 	subs, failed, err := connect(ctx, d, cfg.n, cfg.parallel)
@@ -175,7 +183,13 @@ func run(cfg config, target string) (result, error) {
 	r.rssIdle = idle.rss
 	warm[0].conn.Close()
 	if cfg.profile != "" {
-		if err := fetchProfile(ctx, srv.pprof+"/heap", filepath.Join(cfg.profile, fmt.Sprintf("%s-%d-heap.pprof", target, cfg.n))); err != nil {
+		if mem, err := readMemStats(ctx, srv.debug); err != nil {
+			log.Printf("%s: memstats: %v", target, err)
+		} else {
+			r.heapPerSub = float64(mem.HeapInuse-memBefore.HeapInuse) / float64(len(subs))
+			r.stackPerSub = float64(mem.StackInuse-memBefore.StackInuse) / float64(len(subs))
+		}
+		if err := fetchProfile(ctx, srv.debug+"/pprof/heap", filepath.Join(cfg.profile, fmt.Sprintf("%s-%d-heap.pprof", target, cfg.n))); err != nil {
 			log.Printf("%s: heap profile: %v", target, err)
 		}
 	}
@@ -185,7 +199,7 @@ func run(cfg config, target string) (result, error) {
 	var profiling sync.WaitGroup
 	if cfg.profile != "" {
 		profiling.Go(func() {
-			url := fmt.Sprintf("%s/profile?seconds=%d", srv.pprof, 5)
+			url := fmt.Sprintf("%s/pprof/profile?seconds=%d", srv.debug, 5)
 			if err := fetchProfile(ctx, url, filepath.Join(cfg.profile, fmt.Sprintf("%s-%d-cpu.pprof", target, cfg.n))); err != nil {
 				log.Printf("%s: cpu profile: %v", target, err)
 			}
@@ -261,6 +275,11 @@ func report(cfg config, results []result) {
 			r.burst.Round(time.Millisecond), r.cpu, r.cpuPerEvent(), r.clientCPU)
 	}
 	tw.Flush()
+	if cfg.profile != "" {
+		for _, r := range results {
+			fmt.Printf("%s: per idle subscriber after a GC: heap %.1f KB, goroutine stacks %.1f KB\n", r.name, r.heapPerSub/1024, r.stackPerSub/1024)
+		}
+	}
 	if len(results) == 2 {
 		m, b := results[0], results[1]
 		fmt.Printf("module/baseline: CPU per event %.2fx (goal ≤ 1.3x), RSS per idle subscriber %.2fx (goal ≤ 1.2x)\n",

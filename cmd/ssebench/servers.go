@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	_ "expvar" // the baseline's memstats, on its own pprof listener
 	"fmt"
 	"net"
 	"net/http"
@@ -103,7 +104,7 @@ type server struct {
 	name  string
 	cmd   *exec.Cmd
 	url   string // the event stream
-	pprof string // base URL of /debug/pprof
+	debug string // base URL of /debug
 	dir   string
 }
 
@@ -199,7 +200,7 @@ func startCaddy(cfg config, upstreamURL string) (*server, error) {
 		return nil, err
 	}
 	s.url = fmt.Sprintf("127.0.0.1:%d/events", cfg.port)
-	s.pprof = "http://" + cfg.caddyAdmin + "/debug/pprof"
+	s.debug = "http://" + cfg.caddyAdmin + "/debug"
 	return s, waitListening(fmt.Sprintf("127.0.0.1:%d", cfg.port), s.cmd)
 }
 
@@ -212,7 +213,7 @@ func startBaseline(cfg config, upstreamURL string) (*server, error) {
 	}
 	addr := fmt.Sprintf("127.0.0.1:%d", cfg.port+1)
 	pprofAddr := fmt.Sprintf("127.0.0.1:%d", cfg.port+2)
-	s := &server{name: "baseline", url: addr + "/events", pprof: "http://" + pprofAddr + "/debug/pprof"}
+	s := &server{name: "baseline", url: addr + "/events", debug: "http://" + pprofAddr + "/debug"}
 	s.cmd = exec.Command(exe, "-serve-baseline", addr, "-upstream", upstreamURL, "-pprof", pprofAddr)
 	s.cmd.Stderr = os.Stderr
 	if err := s.cmd.Start(); err != nil {
@@ -362,6 +363,33 @@ func readProc(pid int) (procStats, error) {
 		}
 	}
 	return st, nil
+}
+
+// memStats is the part of a server's runtime.MemStats that tells where
+// the memory of idle subscribers goes.
+type memStats struct {
+	HeapInuse  int64
+	StackInuse int64
+}
+
+// readMemStats reads a server's memstats from its /debug/vars after a
+// garbage collection, which fetching the heap profile with gc=1 forces.
+func readMemStats(ctx context.Context, debugURL string) (memStats, error) {
+	var vars struct{ Memstats memStats }
+	if err := fetchProfile(ctx, debugURL+"/pprof/heap?gc=1", os.DevNull); err != nil {
+		return vars.Memstats, err
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, debugURL+"/vars", nil)
+	if err != nil {
+		return vars.Memstats, err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return vars.Memstats, err
+	}
+	defer resp.Body.Close()
+	err = json.NewDecoder(resp.Body).Decode(&vars)
+	return vars.Memstats, err
 }
 
 // fetchProfile saves a pprof profile of a server into dir.
