@@ -80,7 +80,6 @@ func (t *Tail) stream(ctx context.Context, client *http.Client, sink Sink) (bool
 		case errors.Is(err, errLineTooLong):
 			t.Observer.UpstreamError(ReasonTooLarge)
 			t.Logger.Warn("skipped an NDJSON line over max_body", zap.Int64("max_body", t.MaxBody))
-			continue
 		case err != nil:
 			if len(batch) > 0 {
 				sink.Publish(batch)
@@ -91,14 +90,12 @@ func (t *Tail) stream(ctx context.Context, client *http.Client, sink Sink) (bool
 			}
 			t.Observer.UpstreamError(ReasonRead)
 			return delivered, err
-		}
-		if len(line) > 0 {
-			if json.Valid(line) {
-				batch = append(batch, line)
-			} else {
-				t.Observer.UpstreamError(ReasonInvalidJSON)
-				t.Logger.Warn("skipped an NDJSON line that is not valid JSON", zap.Int("length", len(line)))
-			}
+		case len(line) == 0:
+		case json.Valid(line):
+			batch = append(batch, line)
+		default:
+			t.Observer.UpstreamError(ReasonInvalidJSON)
+			t.Logger.Warn("skipped an NDJSON line that is not valid JSON", zap.Int("length", len(line)))
 		}
 		// Publish what has arrived unless another whole line is already
 		// buffered: events that arrive together go out together, and none
