@@ -1,0 +1,228 @@
+package source
+
+import (
+	"context"
+	"net/http"
+	"net/http/httptest"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// tailUpstream answers request number n (from 0) with respond(n, w, r) and
+// records the requests.
+type tailUpstream struct {
+	*httptest.Server
+
+	mu       sync.Mutex
+	requests []*http.Request
+}
+
+func newTailUpstream(t *testing.T, respond func(n int, w http.ResponseWriter, r *http.Request)) *tailUpstream {
+	u := &tailUpstream{}
+	u.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		u.mu.Lock()
+		n := len(u.requests)
+		u.requests = append(u.requests, r.Clone(context.Background()))
+		u.mu.Unlock()
+		respond(n, w, r)
+	}))
+	t.Cleanup(u.Close)
+	return u
+}
+
+// request returns request number n, failing the test if it has not come.
+func (u *tailUpstream) request(t *testing.T, n int) *http.Request {
+	t.Helper()
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if n >= len(u.requests) {
+		t.Fatalf("the upstream got %d requests, want at least %d", len(u.requests), n+1)
+	}
+	return u.requests[n]
+}
+
+// stream writes and flushes each chunk from send as it comes, until send is
+// closed or the client goes away.
+func stream(w http.ResponseWriter, r *http.Request, send <-chan string) {
+	w.Header().Set("Content-Type", "application/x-ndjson")
+	w.WriteHeader(http.StatusOK)
+	http.NewResponseController(w).Flush()
+	for {
+		select {
+		case chunk, ok := <-send:
+			if !ok {
+				return
+			}
+			w.Write([]byte(chunk))
+			http.NewResponseController(w).Flush()
+		case <-r.Context().Done():
+			return
+		}
+	}
+}
+
+// hang blocks until the client goes away, without answering.
+func hang(w http.ResponseWriter, r *http.Request) { <-r.Context().Done() }
+
+// streamFrom returns a respond function that streams send on every request.
+func streamFrom(send <-chan string) func(int, http.ResponseWriter, *http.Request) {
+	return func(_ int, w http.ResponseWriter, r *http.Request) { stream(w, r, send) }
+}
+
+// runTail runs a Tail of url into sink until the test ends, and returns its
+// observer.
+func runTail(t *testing.T, url string, sink *fakeSink, configure func(*Config)) *fakeObserver {
+	t.Helper()
+	obs := &fakeObserver{}
+	tail := &Tail{Config: testConfig(url, obs)}
+	if configure != nil {
+		configure(&tail.Config)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		tail.Run(ctx, sink)
+	}()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case <-done:
+		case <-time.After(5 * time.Second):
+			t.Error("Run did not return after its context ended")
+		}
+	})
+	return obs
+}
+
+func TestTailBatches(t *testing.T) {
+	send := make(chan string)
+	u := newTailUpstream(t, streamFrom(send))
+	sink := newFakeSink()
+	obs := runTail(t, u.URL, sink, nil)
+
+	send <- "[1]\n[2]\n"
+	sink.expectBatch(t, "[1]", "[2]")
+	// Each line sent alone is published before the next is sent.
+	send <- "[3]\n"
+	sink.expectBatch(t, "[3]")
+	send <- `{"a":`
+	send <- "4}\r\n"
+	sink.expectBatch(t, `{"a":4}`)
+	if requests, errs := obs.calls(); !slices.Equal(requests, []string{"ok"}) || len(errs) != 0 {
+		t.Errorf("observed requests %q and errors %q, want one ok and no error", requests, errs)
+	}
+}
+
+func TestTailSkipsBadLines(t *testing.T) {
+	send := make(chan string)
+	u := newTailUpstream(t, streamFrom(send))
+	sink := newFakeSink()
+	obs := runTail(t, u.URL, sink, func(c *Config) { c.MaxBody = 16 })
+
+	send <- "\"a\"\n{bad\n\n[\"" + strings.Repeat("x", 40) + "\"]\n\"b\"\n"
+	sink.expectBatch(t, `"a"`, `"b"`)
+	// A line followed by one that is skipped is not held back.
+	send <- "\"c\"\n[\"" + strings.Repeat("x", 40) + "\"]\n"
+	sink.expectBatch(t, `"c"`)
+	send <- "\"d\"\nnot json\n"
+	sink.expectBatch(t, `"d"`)
+	_, errs := obs.calls()
+	want := []string{ReasonInvalidJSON, ReasonTooLarge, ReasonTooLarge, ReasonInvalidJSON}
+	if !slices.Equal(errs, want) {
+		t.Errorf("errors %q, want %q", errs, want)
+	}
+}
+
+// TestTailReconnects covers a stream that ends, an error answer, a response
+// that never starts, and the last id in the URL and header of each request.
+func TestTailReconnects(t *testing.T) {
+	send := make(chan string)
+	u := newTailUpstream(t, func(n int, w http.ResponseWriter, r *http.Request) {
+		switch n {
+		case 0:
+			w.Write([]byte("[1]\n")) // and end the stream
+		case 1:
+			w.WriteHeader(http.StatusBadGateway)
+		case 2:
+			hang(w, r)
+		default:
+			stream(w, r, send)
+		}
+	})
+	sink := newFakeSink()
+	sink.setLastID("a b&c")
+	obs := runTail(t, u.URL+"/?since={sse_feed.last_id}", sink, func(c *Config) {
+		c.Header.Set("X-Since", "{sse_feed.last_id}")
+		c.Timeout = 100 * time.Millisecond
+	})
+
+	sink.expectBatch(t, "[1]")
+	send <- "[2]\n"
+	sink.expectBatch(t, "[2]")
+
+	requests, errs := obs.calls()
+	if want := []string{"ok", "error", "error", "ok"}; !slices.Equal(requests, want) {
+		t.Errorf("requests %q, want %q", requests, want)
+	}
+	if want := []string{ReasonStatus, ReasonConnect}; !slices.Equal(errs, want) {
+		t.Errorf("errors %q, want %q", errs, want)
+	}
+	for n := range 4 {
+		r := u.request(t, n)
+		if r.URL.RawQuery != "since=a+b%26c" || r.Header.Get("X-Since") != "a+b%26c" {
+			t.Errorf("request %d: query %q, header %q; want the escaped last id in both", n, r.URL.RawQuery, r.Header.Get("X-Since"))
+		}
+	}
+}
+
+func TestTailPassesInvalidUTF8(t *testing.T) {
+	send := make(chan string)
+	u := newTailUpstream(t, streamFrom(send))
+	sink := newFakeSink()
+	runTail(t, u.URL, sink, nil)
+
+	send <- "{\"s\":\"\xff\xfe\"}\n"
+	sink.expectBatch(t, "{\"s\":\"\xff\xfe\"}")
+}
+
+func TestTailLastIDOnReconnect(t *testing.T) {
+	send := make(chan string)
+	cut := make(chan struct{})
+	u := newTailUpstream(t, func(n int, w http.ResponseWriter, r *http.Request) {
+		if n == 0 {
+			w.WriteHeader(http.StatusOK)
+			http.NewResponseController(w).Flush()
+			<-cut
+			return
+		}
+		stream(w, r, send)
+	})
+	sink := newFakeSink()
+	runTail(t, u.URL+"/?since={sse_feed.last_id}", sink, nil)
+	waitFor(t, func() bool { u.mu.Lock(); defer u.mu.Unlock(); return len(u.requests) == 1 })
+	sink.setLastID("42")
+	close(cut)
+	send <- "[43]\n"
+	sink.expectBatch(t, "[43]")
+	if q := u.request(t, 0).URL.RawQuery; q != "since=" {
+		t.Errorf("first request query %q, want since=", q)
+	}
+	if q := u.request(t, 1).URL.RawQuery; q != "since=42" {
+		t.Errorf("reconnect query %q, want since=42", q)
+	}
+}
+
+// waitFor waits up to 5s for cond.
+func waitFor(t *testing.T, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); !cond(); {
+		if time.Now().After(deadline) {
+			t.Fatal("condition not met within 5s")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
