@@ -202,6 +202,26 @@ func TestPollFailures(t *testing.T) {
 	}
 }
 
+// TestPollHugeBody checks that a body far over max_body is not read to
+// its end: the upstream would need the whole 50 MB to be read to finish.
+func TestPollHugeBody(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		chunk := []byte(strings.Repeat("[", 1<<20))
+		for range 50 {
+			if _, err := w.Write(chunk); err != nil {
+				return
+			}
+		}
+	}))
+	defer srv.Close()
+	p := newPoller(srv.URL)
+	if err := p.once(); err == nil {
+		t.Fatal("poll of a 50 MB body succeeded")
+	}
+	p.sink.expectNothing(t)
+	p.expectRequests(t, []string{"error"}, ReasonTooLarge)
+}
+
 func TestPollRefusedConnection(t *testing.T) {
 	p := newPoller(refusedURL(t))
 	if err := p.once(); err == nil {

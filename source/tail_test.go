@@ -179,6 +179,46 @@ func TestTailReconnects(t *testing.T) {
 	}
 }
 
+// TestTailLineNeverEnds sends a line far over max_body without a line
+// break: it is skipped and the stream goes on.
+func TestTailLineNeverEnds(t *testing.T) {
+	send := make(chan string)
+	u := newTailUpstream(t, streamFrom(send))
+	sink := newFakeSink()
+	obs := runTail(t, u.URL, sink, nil)
+
+	chunk := strings.Repeat("x", 1<<20)
+	for range 8 {
+		send <- chunk
+	}
+	sink.expectNothing(t)
+	send <- "\n[1]\n"
+	sink.expectBatch(t, "[1]")
+	if _, errs := obs.calls(); !slices.Equal(errs, []string{ReasonTooLarge}) {
+		t.Errorf("errors %q, want one %q", errs, ReasonTooLarge)
+	}
+}
+
+func TestTailRedirect(t *testing.T) {
+	send := make(chan string)
+	other := newTailUpstream(t, streamFrom(send))
+	u := newTailUpstream(t, func(_ int, w http.ResponseWriter, r *http.Request) {
+		http.Redirect(w, r, other.URL, http.StatusFound)
+	})
+	sink := newFakeSink()
+	obs := runTail(t, u.URL, sink, nil)
+	waitFor(t, func() bool { u.mu.Lock(); defer u.mu.Unlock(); return len(u.requests) >= 2 })
+	sink.expectNothing(t)
+	other.mu.Lock()
+	defer other.mu.Unlock()
+	if n := len(other.requests); n != 0 {
+		t.Errorf("the other host got %d requests", n)
+	}
+	if _, errs := obs.calls(); len(errs) == 0 || errs[0] != ReasonConnect {
+		t.Errorf("errors %q, want %q", errs, ReasonConnect)
+	}
+}
+
 func TestTailPassesInvalidUTF8(t *testing.T) {
 	send := make(chan string)
 	u := newTailUpstream(t, streamFrom(send))
