@@ -1,0 +1,167 @@
+package ssefeed
+
+import (
+	"bytes"
+	"errors"
+	"io"
+	"strings"
+	"testing"
+	"time"
+	"unicode/utf8"
+
+	"github.com/ssefeed/caddy-ssefeed/internal/ssetest"
+)
+
+func TestAppendEvent(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		ev   Event
+		want string
+	}{
+		{"compact json", Event{Data: `{"a":[1,2]}`}, "data: {\"a\":[1,2]}\n\n"},
+		{"text lf", Event{Data: "a\nb"}, "data: a\ndata: b\n\n"},
+		{"text cr", Event{Data: "a\rb"}, "data: a\ndata: b\n\n"},
+		{"text crlf", Event{Data: "a\r\nb"}, "data: a\ndata: b\n\n"},
+		{"lf cr is two breaks", Event{Data: "a\n\rb"}, "data: a\ndata: \ndata: b\n\n"},
+		{"trailing newline kept", Event{Data: "a\n"}, "data: a\ndata: \n\n"},
+		{"trailing cr kept", Event{Data: "a\r"}, "data: a\ndata: \n\n"},
+		{"empty data kept", Event{}, "data: \n\n"},
+		{"leading space kept", Event{Data: " a"}, "data:  a\n\n"},
+		{"invalid utf-8", Event{Data: "a\xffb\xe2\x82"}, "data: a\uFFFDb\uFFFD\uFFFD\n\n"},
+		{"valid multibyte", Event{Data: "é€😀"}, "data: é€😀\n\n"},
+		{"bom in data is not at stream start", Event{Data: "\uFEFFx"}, "data: \uFEFFx\n\n"},
+		{"event and id", Event{ID: "42", Type: "note", Data: "x"}, "event: note\nid: 42\ndata: x\n\n"},
+		{"id only", Event{ID: "a b", Data: "x"}, "id: a b\ndata: x\n\n"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got := string(appendEvent([]byte("prefix"), tc.ev))
+			if got != "prefix"+tc.want {
+				t.Errorf("appendEvent(%#v) = %q, want %q", tc.ev, got, "prefix"+tc.want)
+			}
+		})
+	}
+}
+
+func TestAppendData(t *testing.T) {
+	for _, tc := range []struct{ data, want string }{
+		{"", "data: \n"},
+		{"\n", "data: \ndata: \n"},
+		{"\r\n\r\n", "data: \ndata: \ndata: \n"},
+		{"x\x00y", "data: x\x00y\n"},
+	} {
+		if got := string(appendData(nil, tc.data)); got != tc.want {
+			t.Errorf("appendData(%q) = %q, want %q", tc.data, got, tc.want)
+		}
+	}
+}
+
+func TestAppendCommentAndRetry(t *testing.T) {
+	if got := string(appendComment(nil, "heartbeat")); got != ": heartbeat\n" {
+		t.Errorf("appendComment = %q", got)
+	}
+	for _, tc := range []struct {
+		d    time.Duration
+		want string
+	}{
+		{3 * time.Second, "retry: 3000\n"},
+		{1500 * time.Microsecond, "retry: 1\n"},
+		{0, "retry: 0\n"},
+	} {
+		if got := string(appendRetry(nil, tc.d)); got != tc.want {
+			t.Errorf("appendRetry(%v) = %q, want %q", tc.d, got, tc.want)
+		}
+	}
+}
+
+func TestValidID(t *testing.T) {
+	for _, tc := range []struct {
+		id   string
+		want bool
+	}{
+		{"", false},
+		{"1", true},
+		{"a b:c", true},
+		{"é", true},
+		{strings.Repeat("x", 128), true},
+		{strings.Repeat("x", 129), false},
+		{strings.Repeat("é", 64), true},
+		{strings.Repeat("é", 64) + "x", false},
+		{"a\rb", false},
+		{"a\nb", false},
+		{"a\x00b", false},
+		{"a\xffb", false},
+	} {
+		if got := validID(tc.id); got != tc.want {
+			t.Errorf("validID(%q) = %v, want %v", tc.id, got, tc.want)
+		}
+	}
+}
+
+func TestValidEventType(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		want bool
+	}{
+		{"", true},
+		{"update", true},
+		{strings.Repeat("x", 1000), true},
+		{"a\x00b", true},
+		{"a\rb", false},
+		{"a\nb", false},
+		{"a\xffb", false},
+	} {
+		if got := validEventType(tc.name); got != tc.want {
+			t.Errorf("validEventType(%q) = %v, want %v", tc.name, got, tc.want)
+		}
+	}
+}
+
+// normalisedData is what a client receives for data: line breaks become LF
+// and each invalid UTF-8 byte becomes U+FFFD.
+func normalisedData(data string) string {
+	data = strings.ReplaceAll(data, "\r\n", "\n")
+	data = strings.ReplaceAll(data, "\r", "\n")
+	return string([]rune(data))
+}
+
+func FuzzEncoder(f *testing.F) {
+	f.Add("1", "", "")
+	f.Add("", "note", "a\nb\rc\r\nd")
+	f.Add("x y", " spaced", " leading space\n")
+	f.Add("é", "\uFEFF", "\uFEFFdata: x\n\nid: 2\n\n")
+	f.Add(strings.Repeat("9", 128), "message", "\xff\xe2\x82\x00")
+	f.Add("a", "data", "\r\r\n\n\r")
+	f.Fuzz(func(t *testing.T, id, typ, data string) {
+		if id != "" && !validID(id) || !validEventType(typ) {
+			t.Skip("production code never writes this id or type")
+		}
+		out := appendEvent(nil, Event{ID: id, Type: typ, Data: data})
+		out = appendEvent(out, Event{Data: "end"})
+		if !utf8.Valid(out) {
+			t.Fatalf("output is not UTF-8: %q", out)
+		}
+		if bytes.HasPrefix(out, []byte("\uFEFF")) {
+			t.Fatalf("output starts with a BOM: %q", out)
+		}
+
+		r := ssetest.NewReader(bytes.NewReader(out))
+		got, err := r.NextEvent()
+		if err != nil {
+			t.Fatalf("parsing %q: %v", out, err)
+		}
+		want := ssetest.Event{Type: typ, Data: normalisedData(data), LastEventID: id, HasIDField: id != ""}
+		if want.Type == "" {
+			want.Type = "message"
+		}
+		if got != want {
+			t.Fatalf("encoded %q\nparsed %#v\nwant   %#v", out, got, want)
+		}
+		end, err := r.NextEvent()
+		if err != nil || end.Data != "end" || end.Type != "message" {
+			t.Fatalf("second event = %#v, %v; the first leaked into it: %q", end, err, out)
+		}
+		if _, err := r.Next(); !errors.Is(err, io.EOF) {
+			t.Fatalf("after the second event: %v, want EOF", err)
+		}
+	})
+}
