@@ -7,6 +7,7 @@ import (
 	"io"
 	"strconv"
 	"strings"
+	"unicode/utf8"
 )
 
 // Item is one thing a stream carried: a dispatched event, a comment or a
@@ -44,6 +45,7 @@ type Reader struct {
 	eventType   string
 	lastEventID string
 	sawID       bool
+	afterCR     bool // the last line ended with CR, so a next LF is skipped
 }
 
 // NewReader returns a Reader of the stream r.
@@ -89,13 +91,18 @@ func (p *Reader) line() (string, error) {
 		if err != nil {
 			return "", err
 		}
+		afterCR := p.afterCR
+		p.afterCR = false
 		switch c {
 		case '\n':
+			if afterCR {
+				continue // the LF of a CRLF
+			}
 			return p.firstLine(b.String()), nil
 		case '\r':
-			if next, err := p.r.Peek(1); err == nil && next[0] == '\n' {
-				_, _ = p.r.ReadByte()
-			}
+			// A CR ends the line at once; waiting for a possible LF
+			// would hold back an event on a live stream.
+			p.afterCR = true
 			return p.firstLine(b.String()), nil
 		default:
 			b.WriteByte(c)
@@ -123,7 +130,7 @@ func (p *Reader) process(line string) (Item, bool) {
 	if found {
 		value = strings.TrimPrefix(value, " ")
 	}
-	value = strings.ToValidUTF8(value, "\uFFFD")
+	value = decodeUTF8(value)
 	switch field {
 	case "event":
 		p.eventType = value
@@ -142,6 +149,57 @@ func (p *Reader) process(line string) (Item, bool) {
 		}
 	}
 	return Item{}, false
+}
+
+// decodeUTF8 replaces invalid UTF-8 as the Encoding standard's UTF-8 decode
+// does: one U+FFFD for each maximal subpart of an invalid sequence, that is
+// a lead byte and the continuation bytes that could still have completed it.
+// Line breaks are ASCII, so decoding line by line equals decoding the
+// stream.
+func decodeUTF8(s string) string {
+	if utf8.ValidString(s) {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); {
+		r, size := utf8.DecodeRuneInString(s[i:])
+		if r != utf8.RuneError || size > 1 {
+			b.WriteString(s[i : i+size])
+			i += size
+			continue
+		}
+		b.WriteRune(utf8.RuneError)
+		i += maximalSubpart(s[i:])
+	}
+	return b.String()
+}
+
+// maximalSubpart returns the length of the invalid sequence at the start of
+// s: its lead byte and the continuation bytes that fit it.
+func maximalSubpart(s string) int {
+	lo, hi := byte(0x80), byte(0xBF)
+	var need int
+	switch c := s[0]; {
+	case c >= 0xC2 && c <= 0xDF:
+		need = 1
+	case c == 0xE0:
+		need, lo = 2, 0xA0
+	case c == 0xED:
+		need, hi = 2, 0x9F
+	case c >= 0xE1 && c <= 0xEF:
+		need = 2
+	case c == 0xF0:
+		need, lo = 3, 0x90
+	case c == 0xF4:
+		need, hi = 3, 0x8F
+	case c >= 0xF1 && c <= 0xF3:
+		need = 3
+	}
+	n := 1
+	for ; n <= need && n < len(s) && s[n] >= lo && s[n] <= hi; n++ {
+		lo, hi = 0x80, 0xBF
+	}
+	return n
 }
 
 // dispatch ends the current event as a blank line does.
