@@ -91,7 +91,7 @@ func (s *stream) run(lastID string) {
 		s.heartbeat = time.NewTimer(time.Duration(s.h.Heartbeat))
 		defer s.heartbeat.Stop()
 	}
-	if !s.await(s.f.ready) {
+	if !s.await(s.f.ready, s.f.done) {
 		return
 	}
 
@@ -117,7 +117,9 @@ func (s *stream) run(lastID string) {
 				continue
 			}
 		}
-		if !s.await(wake) {
+		// The log closes, and so closes wake, when the feed ends: no need
+		// to wait for f.done as well, which every subscriber shares.
+		if !s.await(wake, nil) {
 			return
 		}
 	}
@@ -125,8 +127,10 @@ func (s *stream) run(lastID string) {
 
 // await waits until ch is closed, sending heartbeats meanwhile. It reports
 // false when the stream must end instead: the client left, a heartbeat
-// could not be written, the feed ended or Caddy is exiting.
-func (s *stream) await(ch <-chan struct{}) bool {
+// could not be written, done was closed or Caddy is exiting. A nil done is
+// never closed; every case costs each waiting subscriber a lock at every
+// wake-up, so only the cases that can matter are given.
+func (s *stream) await(ch, done <-chan struct{}) bool {
 	for {
 		select {
 		case <-ch:
@@ -139,7 +143,7 @@ func (s *stream) await(ch <-chan struct{}) bool {
 			return false
 		case <-s.h.stopping:
 			return false
-		case <-s.f.done:
+		case <-done:
 			return false
 		}
 	}
