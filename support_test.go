@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"sync"
@@ -153,6 +154,178 @@ func (u *ndjsonUpstream) WaitConnected(t *testing.T, n int) {
 		case <-changed:
 		case <-deadline:
 			t.Fatalf("upstream has %d clients, want %d", count, n)
+		}
+	}
+}
+
+// jsonUpstream is a polled JSON API whose answer the test sets. It records
+// every request with its answer, answers 304 to a request whose
+// If-None-Match or If-Modified-Since matches the answer's ETag or
+// Last-Modified, and can refuse connections for a while.
+type jsonUpstream struct {
+	URL  string
+	addr string
+
+	mu          sync.Mutex
+	answer      func(r *http.Request) jsonAnswer
+	server      *http.Server
+	requests    []upstreamRequest
+	inFlight    int
+	maxInFlight int
+	changed     chan struct{}
+}
+
+// jsonAnswer is what a jsonUpstream answers.
+type jsonAnswer struct {
+	Status int // 0 means 200
+	Body   string
+	Header map[string]string
+	// Delay holds the answer back, unless the client leaves first.
+	Delay time.Duration
+}
+
+// upstreamRequest is one request a jsonUpstream received.
+type upstreamRequest struct {
+	Start, End time.Time
+	RawQuery   string
+	Header     http.Header
+	// Status is the status answered, or 0 when the client left first.
+	Status int
+}
+
+func newJSONUpstream(t *testing.T, answer jsonAnswer) *jsonUpstream {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	u := &jsonUpstream{addr: ln.Addr().String(), changed: make(chan struct{})}
+	u.URL = "http://" + u.addr
+	u.Set(answer)
+	u.serve(ln)
+	t.Cleanup(u.Refuse)
+	return u
+}
+
+func (u *jsonUpstream) serve(ln net.Listener) {
+	server := &http.Server{Handler: u}
+	u.server = server
+	go func() { _ = server.Serve(ln) }()
+}
+
+// Set makes every later request get a.
+func (u *jsonUpstream) Set(a jsonAnswer) {
+	u.SetFunc(func(*http.Request) jsonAnswer { return a })
+}
+
+// SetFunc makes every later request get what answer returns; it is called
+// with the upstream's lock held.
+func (u *jsonUpstream) SetFunc(answer func(r *http.Request) jsonAnswer) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	u.answer = answer
+}
+
+// Refuse closes the listener and every connection: connecting is refused
+// until Accept.
+func (u *jsonUpstream) Refuse() {
+	u.mu.Lock()
+	server := u.server
+	u.mu.Unlock()
+	_ = server.Close()
+}
+
+// Accept listens again on the same address after Refuse.
+func (u *jsonUpstream) Accept(t *testing.T) {
+	t.Helper()
+	ln, err := net.Listen("tcp", u.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	u.serve(ln)
+}
+
+func (u *jsonUpstream) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	req := upstreamRequest{Start: time.Now(), RawQuery: r.URL.RawQuery, Header: r.Header.Clone()}
+	u.mu.Lock()
+	u.inFlight++
+	u.maxInFlight = max(u.maxInFlight, u.inFlight)
+	a := u.answer(r)
+	u.mu.Unlock()
+
+	req.Status = a.write(w, r)
+
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	u.inFlight--
+	req.End = time.Now()
+	u.requests = append(u.requests, req)
+	close(u.changed)
+	u.changed = make(chan struct{})
+}
+
+// write sends the answer and returns its status, or 0 if the client left
+// during the delay.
+func (a jsonAnswer) write(w http.ResponseWriter, r *http.Request) int {
+	if a.Delay > 0 {
+		select {
+		case <-time.After(a.Delay):
+		case <-r.Context().Done():
+			return 0
+		}
+	}
+	status := a.Status
+	if status == 0 {
+		status = http.StatusOK
+		etag, modified := a.Header["ETag"], a.Header["Last-Modified"]
+		if etag != "" && r.Header.Get("If-None-Match") == etag ||
+			modified != "" && r.Header.Get("If-Modified-Since") == modified {
+			status = http.StatusNotModified
+		}
+	}
+	for name, value := range a.Header {
+		w.Header().Set(name, value)
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	if status != http.StatusNotModified {
+		_, _ = io.WriteString(w, a.Body)
+	}
+	return status
+}
+
+// Requests returns the requests answered so far, in the order they ended.
+func (u *jsonUpstream) Requests() []upstreamRequest {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return append([]upstreamRequest(nil), u.requests...)
+}
+
+// MaxInFlight returns the most requests the upstream has served at once.
+func (u *jsonUpstream) MaxInFlight() int {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return u.maxInFlight
+}
+
+// WaitRequests waits until at least n requests have been answered and
+// returns them.
+func (u *jsonUpstream) WaitRequests(t *testing.T, n int) []upstreamRequest {
+	t.Helper()
+	deadline := time.After(10 * time.Second)
+	for {
+		u.mu.Lock()
+		requests, changed := append([]upstreamRequest(nil), u.requests...), u.changed
+		u.mu.Unlock()
+		if len(requests) >= n {
+			return requests
+		}
+		select {
+		case <-changed:
+		case <-deadline:
+			t.Fatalf("upstream answered %d requests, want %d", len(requests), n)
 		}
 	}
 }
