@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"slices"
 	"strings"
 	"sync"
@@ -304,4 +305,49 @@ func TestNewRequestReplacesLastID(t *testing.T) {
 			t.Errorf("repeated header = %q, want [a b]", got)
 		}
 	}
+}
+
+// FuzzLastID checks that any last id reaches the upstream intact: the query
+// parameter decodes to it, and the header carries its escaped form, which
+// never holds a line break or a Caddy placeholder.
+func FuzzLastID(f *testing.F) {
+	f.Add("a b&c")
+	f.Add("{env.HOME}")
+	f.Add("\x00\r\n\xff%+#?/")
+	f.Add("{sse_feed.last_id}")
+	c := testConfig("http://127.0.0.1/items?since={sse_feed.last_id}", nil)
+	c.Header.Set("X-Since", "{sse_feed.last_id}")
+	f.Fuzz(func(t *testing.T, lastID string) {
+		req, err := c.newRequest(context.Background(), lastID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := req.URL.Query().Get("since"); got != lastID {
+			t.Errorf("query since = %q, want %q", got, lastID)
+		}
+		if got, want := req.Header.Get("X-Since"), url.QueryEscape(lastID); got != want {
+			t.Errorf("header = %q, want %q", got, want)
+		}
+	})
+}
+
+// FuzzRetryAfter checks that no Retry-After value makes a negative delay or
+// one longer than maxRetryAfter.
+func FuzzRetryAfter(f *testing.F) {
+	f.Add("120")
+	f.Add("-1")
+	f.Add("99999999999999999999")
+	f.Add("Fri, 31 Dec 9999 23:59:59 GMT")
+	f.Add("Mon, 01 Jan 0001 00:00:00 GMT")
+	now := time.Date(2025, 6, 1, 12, 0, 0, 0, time.UTC)
+	b := Backoff{Initial: time.Second, Max: time.Minute}
+	f.Fuzz(func(t *testing.T, value string) {
+		ra := parseRetryAfter(value, now)
+		if ra < 0 {
+			t.Fatalf("parseRetryAfter(%q) = %v", value, ra)
+		}
+		if d := b.Delay(1, ra); d < 0 || d > maxRetryAfter {
+			t.Fatalf("Delay with Retry-After %q = %v", value, d)
+		}
+	})
 }
