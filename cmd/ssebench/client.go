@@ -167,7 +167,7 @@ func (s *sub) read(n int) {
 			}
 			sent, err := strconv.ParseInt(string(rest[:end]), 10, 64)
 			if err == nil {
-				s.latency = append(s.latency, int32(min(time.Now().UnixNano()-sent, 1<<31-1)/1000))
+				s.latency = append(s.latency, int32(min((time.Now().UnixNano()-sent)/1000, 1<<31-1)))
 			}
 		}
 	}
