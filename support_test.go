@@ -343,18 +343,27 @@ type stream struct {
 // test ends.
 func openStream(t *testing.T, path string, header ...string) *stream {
 	t.Helper()
+	return openStreamURL(t, siteURL+path, header...)
+}
+
+// openStreamURL is openStream for any URL.
+func openStreamURL(t *testing.T, rawURL string, header ...string) *stream {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, siteURL+path, nil)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, rawURL, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	for i := 0; i+1 < len(header); i += 2 {
 		req.Header.Set(header[i], header[i+1])
 	}
+	// Headers come at once; a handler that holds them back fails here
+	// instead of hanging the test.
+	headerTimeout := time.AfterFunc(5*time.Second, cancel)
 	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
+	if err != nil || !headerTimeout.Stop() {
 		cancel()
-		t.Fatalf("GET %s: %v", path, err)
+		t.Fatalf("GET %s: no response headers within 5s: %v", rawURL, err)
 	}
 	s := &stream{Response: resp, items: make(chan ssetest.Item, 1024), errs: make(chan error, 1), cancel: cancel}
 	go func() {
@@ -418,6 +427,30 @@ func (s *stream) ExpectEnd(t *testing.T, within time.Duration) {
 			t.Fatalf("stream still open after %v", within)
 		}
 	}
+}
+
+// ExpectSilence fails if anything at all, even a comment, arrives within d
+// or the stream ends.
+func (s *stream) ExpectSilence(t *testing.T, d time.Duration) {
+	t.Helper()
+	select {
+	case item, ok := <-s.items:
+		if !ok {
+			t.Fatalf("stream ended: %v", <-s.errs)
+		}
+		t.Fatalf("unexpected item %+v", item)
+	case <-time.After(d):
+	}
+}
+
+// NextEvents returns the next n events, skipping comments and retry fields.
+func (s *stream) NextEvents(t *testing.T, n int) []ssetest.Event {
+	t.Helper()
+	events := make([]ssetest.Event, n)
+	for i := range events {
+		events[i] = s.NextEvent(t)
+	}
+	return events
 }
 
 // ExpectQuiet fails if an event arrives within d; comments are allowed.
