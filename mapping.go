@@ -65,11 +65,13 @@ func (m *mapping) toEvent(elem json.RawMessage, byContent bool) (ev Event, key s
 	ev.Type = m.fixedType
 	if m.typ != nil {
 		if v, ok := m.typ.Find(elem); ok {
-			ev.Type, _ = scalarText(v)
+			if typ, ok := scalarText(v); ok {
+				ev.Type = typ
+			}
 		}
 	}
 	data, ok := m.data.Find(elem)
-	if !ok {
+	if !ok || len(data) == 0 {
 		return ev, key, fmt.Errorf("data pointer %q selects nothing", m.data.String())
 	}
 	if data[0] == '"' {
