@@ -1,0 +1,153 @@
+package ssefeed
+
+import (
+	"encoding/json"
+	"errors"
+	"strings"
+	"testing"
+	"unicode/utf8"
+)
+
+// testMapping builds a mapping from options as the config does.
+func testMapping(t testing.TB, h Handler) mapping {
+	t.Helper()
+	m, err := h.mapping()
+	if err != nil {
+		t.Fatalf("mapping(%+v): %v", h, err)
+	}
+	return m
+}
+
+func TestMappingElements(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		h     Handler
+		doc   string
+		want  []string
+		noArr bool
+	}{
+		{"oldest first", Handler{Items: "/items"}, `{"items": [{"n":1}, {"n":2}, 3]}`, []string{`{"n":1}`, `{"n":2}`, `3`}, false},
+		{"newest first", Handler{Items: "/items", Order: "newest_first"}, `{"items": [1, 2, 3]}`, []string{`3`, `2`, `1`}, false},
+		{"nested", Handler{Items: "/data/list"}, `{"data": {"list": ["a"]}}`, []string{`"a"`}, false},
+		{"raw bytes kept", Handler{Items: "/items"}, `{"items": [ {"b": 1,  "a": 2} ]}`, []string{`{"b": 1,  "a": 2}`}, false},
+		{"empty array", Handler{Items: "/items"}, `{"items": []}`, nil, false},
+		{"missing", Handler{Items: "/items"}, `{"other": []}`, nil, true},
+		{"object", Handler{Items: "/items"}, `{"items": {"0": 1}}`, nil, true},
+		{"string", Handler{Items: "/items"}, `{"items": "[1]"}`, nil, true},
+		{"null", Handler{Items: "/items"}, `{"items": null}`, nil, true},
+		{"document is an array", Handler{Items: "/items"}, `[1]`, nil, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			m := testMapping(t, tc.h)
+			elems, err := m.elements(json.RawMessage(tc.doc))
+			if tc.noArr {
+				if !errors.Is(err, errNoItems) {
+					t.Fatalf("elements = %q, %v; want errNoItems", elems, err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			var got []string
+			for _, e := range elems {
+				got = append(got, string(e))
+			}
+			if strings.Join(got, "|") != strings.Join(tc.want, "|") || len(got) != len(tc.want) {
+				t.Fatalf("elements = %q, want %q", got, tc.want)
+			}
+		})
+	}
+}
+
+func TestMappingToEvent(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		h         Handler
+		elem      string
+		byContent bool
+		want      Event
+		key       string // "sum" for any content key
+	}{
+		{"id string", Handler{ID: "/id"}, `{"id": "a1"}`, false, Event{ID: "a1", Data: `{"id":"a1"}`}, "id:a1"},
+		{"id escaped string", Handler{ID: "/id"}, `{"id": "\u00e9"}`, false, Event{ID: "é", Data: `{"id":"\u00e9"}`}, "id:é"},
+		{"id number", Handler{ID: "/id"}, `{"id": 42}`, true, Event{ID: "42", Data: `{"id":42}`}, "id:42"},
+		{"id number kept as written", Handler{ID: "/id"}, `{"id": 1.5e3}`, false, Event{ID: "1.5e3", Data: `{"id":1.5e3}`}, "id:1.5e3"},
+		{"id object ignored", Handler{ID: "/id"}, `{"id": {}}`, false, Event{Data: `{"id":{}}`}, ""},
+		{"id null by content", Handler{ID: "/id"}, `{"id": null}`, true, Event{Data: `{"id":null}`}, "sum"},
+		{"id missing", Handler{ID: "/id"}, `{}`, false, Event{Data: `{}`}, ""},
+		{"id missing by content", Handler{ID: "/id"}, `{}`, true, Event{Data: `{}`}, "sum"},
+		{"no id by content", Handler{}, `[1]`, true, Event{Data: `[1]`}, "sum"},
+		{"type pointer", Handler{Type: "/k"}, `{"k": "note"}`, false, Event{Type: "note", Data: `{"k":"note"}`}, ""},
+		{"type pointer over event", Handler{Type: "/k", Event: "fixed"}, `{"k": "note"}`, false, Event{Type: "note", Data: `{"k":"note"}`}, ""},
+		{"type missing falls back to event", Handler{Type: "/k", Event: "fixed"}, `{}`, false, Event{Type: "fixed", Data: `{}`}, ""},
+		{"type null falls back to event", Handler{Type: "/k", Event: "fixed"}, `{"k": null}`, false, Event{Type: "fixed", Data: `{"k":null}`}, ""},
+		{"fixed event", Handler{Event: "fixed"}, `1`, false, Event{Type: "fixed", Data: `1`}, ""},
+		{"data string is text", Handler{Data: "/d"}, `{"d": "a\nb\r\n\"c\""}`, false, Event{Data: "a\nb\r\n\"c\""}, ""},
+		{"data object compact in order", Handler{Data: "/d"}, `{"d": { "z": 1, "a" : [1, 2] }}`, false, Event{Data: `{"z":1,"a":[1,2]}`}, ""},
+		{"data number", Handler{Data: "/d"}, `{"d": 3}`, false, Event{Data: `3`}, ""},
+		{"data null", Handler{Data: "/d"}, `{"d": null}`, false, Event{Data: `null`}, ""},
+		{"data html kept", Handler{}, `{"h": "<a>&"}`, false, Event{Data: `{"h":"<a>&"}`}, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			m := testMapping(t, tc.h)
+			ev, key, err := m.toEvent(json.RawMessage(tc.elem), tc.byContent)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if ev != tc.want {
+				t.Errorf("event = %#v, want %#v", ev, tc.want)
+			}
+			if tc.key == "sum" && !strings.HasPrefix(key, "sum:") || tc.key != "sum" && key != tc.key {
+				t.Errorf("key = %q, want %q", key, tc.key)
+			}
+		})
+	}
+}
+
+func TestMappingMissingData(t *testing.T) {
+	m := testMapping(t, Handler{Data: "/payload"})
+	_, _, err := m.toEvent(json.RawMessage(`{"other": 1}`), false)
+	if err == nil || !strings.Contains(err.Error(), `"/payload"`) {
+		t.Fatalf("toEvent with no data = %v, want an error naming the pointer", err)
+	}
+}
+
+func TestMappingContentKeys(t *testing.T) {
+	m := testMapping(t, Handler{})
+	key := func(elem string) string {
+		_, k, err := m.toEvent(json.RawMessage(elem), true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return k
+	}
+	if key(`{"a":1}`) != key(`{"a":1}`) {
+		t.Error("equal elements have different keys")
+	}
+	if key(`{"a":1}`) == key(`{"a":2}`) {
+		t.Error("different elements have the same key")
+	}
+}
+
+func FuzzMapping(f *testing.F) {
+	f.Add(`{"id": 1, "type": "t", "data": {"x": [1, "a\n"]}}`, "/id", "/type", "/data")
+	f.Add(`{"id": "a/b", "~": null}`, "/id", "/~0", "")
+	f.Add(`[{"a": [0, 1]}]`, "/0/a/1", "/0", "/0/a")
+	f.Add(`"text\r\nmore"`, "", "", "")
+	f.Add(`   `, "/x", "", "")
+	f.Add(`{"d": "\ud800"}`, "", "", "/d")
+	f.Add("\xff{", "/", "/", "/")
+	f.Fuzz(func(t *testing.T, elem, id, typ, data string) {
+		m, err := (&Handler{Items: "/" + id, ID: id, Type: typ, Data: data}).mapping()
+		if err != nil {
+			return
+		}
+		ev, _, err := m.toEvent(json.RawMessage(elem), true)
+		// encoding/json decodes strings to UTF-8, and numbers are ASCII.
+		if err == nil && json.Valid([]byte(elem)) && !(utf8.ValidString(ev.ID) && utf8.ValidString(ev.Type)) {
+			t.Fatalf("event %#v of valid JSON %q has an id or type that is not UTF-8", ev, elem)
+		}
+		_, _ = m.elements(json.RawMessage(elem))
+	})
+}
