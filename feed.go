@@ -51,12 +51,6 @@ type feed struct {
 	// so that ids from an earlier process are never mistaken for ours.
 	idPrefix string
 
-	// ready is closed once the feed has read its first document or, for
-	// a tail, at once: subscribers that arrive earlier wait for it, so that
-	// the first poll is a baseline and not news.
-	ready     chan struct{}
-	readyOnce sync.Once
-
 	// done is closed when the feed is destructed.
 	done chan struct{}
 
@@ -66,6 +60,10 @@ type feed struct {
 	readerDone  chan struct{}      // closed when the last reader started has returned
 	lingerGen   int                // invalidates linger timers that fired late
 	closed      bool
+	// ready is closed once the reader has polled successfully or, for a
+	// tail, at once. Subscribers wait for it, so that the first poll after
+	// an item feed starts is a baseline and not news.
+	ready chan struct{}
 
 	// Fields below are used by the reader's goroutine only, under publishMu.
 	publishMu sync.Mutex
@@ -89,26 +87,43 @@ func newFeed(name string, kind feedKind, src reader, m mapping, limits replay.Li
 		done:     make(chan struct{}),
 	}
 	if kind == tailFeed {
-		f.markReady()
+		close(f.ready)
 	}
 	return f
 }
 
-func (f *feed) markReady() { f.readyOnce.Do(func() { close(f.ready) }) }
+// markReady closes the ready channel if it is open.
+func (f *feed) markReady() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	select {
+	case <-f.ready:
+	default:
+		close(f.ready)
+	}
+}
 
 // subscribe counts a new subscriber and starts the reader if none runs. It
-// returns false when the feed is closed or already has limit subscribers
+// returns a channel closed when the subscriber may take its place in the
+// log, and false when the feed is closed or already has limit subscribers
 // (a limit of 0 means none).
-func (f *feed) subscribe(limit int) bool {
+func (f *feed) subscribe(limit int) (ready <-chan struct{}, ok bool) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.closed || limit > 0 && f.subscribers >= limit {
-		return false
+		return nil, false
 	}
 	f.subscribers++
 	f.metrics.subscribers.Inc()
 	f.lingerGen++
 	if f.stopReader == nil {
+		if f.kind == itemFeed {
+			select {
+			case <-f.ready:
+				f.ready = make(chan struct{}) // a new baseline
+			default:
+			}
+		}
 		ctx, cancel := context.WithCancel(context.Background())
 		f.stopReader = cancel
 		f.logger.Info("feed started")
@@ -124,7 +139,7 @@ func (f *feed) subscribe(limit int) bool {
 			f.source.Run(ctx, f)
 		}()
 	}
-	return true
+	return f.ready, true
 }
 
 // unsubscribe counts a subscriber gone; the last one starts the linger,
@@ -184,6 +199,9 @@ func (f *feed) Publish(values []json.RawMessage) {
 	f.publishMu.Lock()
 	defer f.publishMu.Unlock()
 	defer f.markReady()
+	if len(values) == 0 {
+		return
+	}
 
 	elems := values
 	if f.kind == itemFeed {

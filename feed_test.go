@@ -147,6 +147,9 @@ func TestItemFeedRecognisesElementsByContent(t *testing.T) {
 	expectPublished(t, f, &cursor, "a", `{"b":1}`)
 	publish(f, `{"items":["a",{"b":1},{"b":2}]}`)
 	expectPublished(t, f, &cursor, `{"b":2}`)
+	// White space is not content.
+	publish(f, `{"items":[ "a" , { "b" : 1 }, {"b":2}, {"b":3} ]}`)
+	expectPublished(t, f, &cursor, `{"b":3}`)
 	// Without ids, two equal elements are one element.
 	publish(f, `{"items":["c","c"]}`)
 	expectPublished(t, f, &cursor, "c")
@@ -277,6 +280,28 @@ func TestReady(t *testing.T) {
 	}
 }
 
+func TestItemFeedRestartTakesANewBaseline(t *testing.T) {
+	f := newTestFeed(t, itemFeed, Handler{Items: "/items", ID: "/id"}, replay.Limits{})
+	r := f.source.(*stubReader)
+	ready, _ := f.subscribe(0)
+	publish(f, `{"items":[{"id":"a"}]}`)
+	if !isDone(ready) {
+		t.Fatal("not ready after the first poll")
+	}
+	f.unsubscribe()
+	waitUntil(t, "the reader stopped after the linger", func() bool { _, e, _ := r.counts(); return e == 1 })
+
+	ready, _ = f.subscribe(0)
+	defer f.unsubscribe()
+	if isDone(ready) {
+		t.Fatal("a restarted item feed is ready before its new first poll")
+	}
+	f.Publish(nil) // the upstream answered with an unchanged document
+	if !isDone(ready) {
+		t.Fatal("an unchanged first poll did not make the feed ready")
+	}
+}
+
 // waitUntil waits up to 5s for cond.
 func waitUntil(t *testing.T, what string, cond func() bool) {
 	t.Helper()
@@ -295,7 +320,7 @@ func TestSubscribeStartsAndLingerStops(t *testing.T) {
 	}
 
 	for range 3 {
-		if !f.subscribe(0) {
+		if _, ok := f.subscribe(0); !ok {
 			t.Fatal("subscribe refused")
 		}
 	}
@@ -326,18 +351,18 @@ func TestSubscribeStartsAndLingerStops(t *testing.T) {
 func TestMaxSubscribers(t *testing.T) {
 	f := newTestFeed(t, tailFeed, Handler{}, replay.Limits{})
 	for i := range 2 {
-		if !f.subscribe(2) {
+		if _, ok := f.subscribe(2); !ok {
 			t.Fatalf("subscriber %d refused under the limit", i+1)
 		}
 	}
-	if f.subscribe(2) {
+	if _, ok := f.subscribe(2); ok {
 		t.Fatal("a third subscriber accepted with a limit of 2")
 	}
 	f.unsubscribe()
-	if !f.subscribe(2) {
+	if _, ok := f.subscribe(2); !ok {
 		t.Fatal("a subscriber refused after one left")
 	}
-	if !f.subscribe(0) {
+	if _, ok := f.subscribe(0); !ok {
 		t.Fatal("a limit of 0 refused a subscriber")
 	}
 	f.unsubscribe()
@@ -364,7 +389,7 @@ func TestDestruct(t *testing.T) {
 		t.Errorf("Read after Destruct: %v, want ErrClosed", err)
 	}
 	waitUntil(t, "the reader stopped", func() bool { _, e, _ := r.counts(); return e == 1 })
-	if f.subscribe(0) {
+	if _, ok := f.subscribe(0); ok {
 		t.Error("a destructed feed accepted a subscriber")
 	}
 	f.unsubscribe() // the subscriber still streaming leaves

@@ -60,6 +60,12 @@ func (m *mapping) toEvent(elem json.RawMessage, byContent bool) (ev Event, key s
 	case ev.ID != "":
 		key = "id:" + ev.ID
 	case byContent:
+		// Hash the compact form, so that an upstream that only changes its
+		// white space does not make every element new.
+		var compact bytes.Buffer
+		if json.Compact(&compact, elem) == nil {
+			elem = compact.Bytes()
+		}
 		key = "sum:" + strconv.FormatUint(maphash.Bytes(elementSeed, elem), 36)
 	}
 	ev.Type = m.fixedType

@@ -79,6 +79,7 @@ func (p *Poll) poll(ctx context.Context, client *http.Client, sink Sink) error {
 	defer resp.Body.Close()
 	if resp.StatusCode == http.StatusNotModified {
 		p.Observer.UpstreamRequest("not_modified")
+		sink.Publish(nil)
 		return nil
 	}
 	body, reason, err := p.readBody(resp)
@@ -93,6 +94,8 @@ func (p *Poll) poll(ctx context.Context, client *http.Client, sink Sink) error {
 	if h := maphash.Bytes(bodySeed, body); !p.published || h != p.hash {
 		p.hash, p.published = h, true
 		sink.Publish([]json.RawMessage{body})
+	} else {
+		sink.Publish(nil)
 	}
 	return nil
 }

@@ -26,7 +26,9 @@ const LastIDPlaceholder = "{sse_feed.last_id}"
 type Sink interface {
 	// Publish hands over values that arrived together, oldest first. For a
 	// polled source the batch is a single document, the upstream's whole
-	// answer; for a tailed source each value is one NDJSON line.
+	// answer, or empty when the document has not changed: a poll publishes
+	// after every successful request, so the sink knows the upstream
+	// answered. For a tailed source each value is one NDJSON line.
 	Publish(values []json.RawMessage)
 	// LastID returns the id of the last event published, or "".
 	LastID() string

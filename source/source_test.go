@@ -58,6 +58,9 @@ func newFakeSink() *fakeSink {
 }
 
 func (s *fakeSink) Publish(values []json.RawMessage) {
+	if len(values) == 0 {
+		return // an unchanged poll: nothing to record
+	}
 	batch := make([]string, len(values))
 	for i, v := range values {
 		batch[i] = string(v)
