@@ -130,7 +130,10 @@ sse_feed /latest {
 
 	up.Set(jsonAnswer{Body: itemsDoc(1, 2, 3, 4)})
 	expectData(t, live, "3", "4")
-	// 1 and 5 are new to this poll, but 1 was seen before.
+	// 1 and 2 leave the answer; then 1 comes back, with the new 5.
+	polls := len(up.Requests())
+	up.Set(jsonAnswer{Body: itemsDoc(3, 4)})
+	up.WaitRequests(t, polls+2)
 	up.Set(jsonAnswer{Body: itemsDoc(3, 1, 4, 5)})
 	expectData(t, live, "5")
 	live.ExpectQuiet(t, 300*time.Millisecond)
