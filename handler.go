@@ -37,7 +37,8 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	header.Del("Content-Length")
 	rc := http.NewResponseController(w)
 
-	if !h.feed.subscribe(h.MaxSubscribers) {
+	ready, ok := h.feed.subscribe(h.MaxSubscribers)
+	if !ok {
 		w.WriteHeader(http.StatusOK)
 		base := max(time.Duration(h.Retry), overCapacityRetry)
 		_, _ = w.Write(appendRetry(nil, base+rand.N(base)))
@@ -53,7 +54,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	if !s.flush() {
 		return nil
 	}
-	s.run(lastEventID(r))
+	s.run(ready, lastEventID(r))
 	return nil
 }
 
@@ -84,14 +85,14 @@ type stream struct {
 	heartbeat *time.Timer
 }
 
-// run waits for the feed to be ready, positions the cursor and then writes
+// run waits until ready is closed, positions the cursor and then writes
 // frames as they are appended until the stream ends.
-func (s *stream) run(lastID string) {
+func (s *stream) run(ready <-chan struct{}, lastID string) {
 	if s.h.Heartbeat > 0 {
 		s.heartbeat = time.NewTimer(time.Duration(s.h.Heartbeat))
 		defer s.heartbeat.Stop()
 	}
-	if !s.await(s.f.ready, s.f.done) {
+	if !s.await(ready, s.f.done) {
 		return
 	}
 
