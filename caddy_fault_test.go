@@ -6,8 +6,8 @@ import (
 	"context"
 	"fmt"
 	"io"
-	"net"
 	"math/rand/v2"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -39,7 +39,7 @@ type numberedUpstream struct {
 
 	mu        sync.Mutex
 	produced  int
-	born      []time.Time // born[i] is when id i+1 was produced
+	born      []time.Time   // born[i] is when id i+1 was produced
 	grew      chan struct{} // closed and replaced when produced grows
 	cut       chan struct{} // closed and replaced to cut every connection
 	changed   chan struct{} // closed and replaced when open changes
