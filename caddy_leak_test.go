@@ -2,7 +2,10 @@ package ssefeed_test
 
 import (
 	"context"
+	"fmt"
 	"net/http"
+	"os/exec"
+	"path/filepath"
 	"runtime"
 	"strconv"
 	"sync"
@@ -245,4 +248,55 @@ func TestReloadUnderLoad(t *testing.T) {
 	up.WaitOpen(t, 0, 5*time.Second)
 	t.Logf("%d streams: reload with the feed unchanged took %v and kept them all; reload without the feed took %v, and all ended %v after it returned",
 		manyStreams, unchanged.Round(time.Millisecond), dropped.Round(time.Millisecond), ended.Round(time.Millisecond))
+}
+
+// TestStopEndsThousandStreamsAndExits runs the real binary, with Caddy's
+// default eternal grace period, on ports of its own, opens a thousand
+// streams and runs `caddy stop`: the process must exit within seconds.
+func TestStopEndsThousandStreamsAndExits(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds and runs the caddy binary")
+	}
+	raiseFileLimit(t, 3*manyStreams)
+	dir := t.TempDir()
+	bin := filepath.Join(dir, "caddy-ssefeed")
+	if out, err := exec.Command("go", "build", "-o", bin, "./cmd/caddy").CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	up := newNumberedUpstream(t, 50*time.Millisecond, 64)
+	config := filepath.Join(dir, "Caddyfile")
+	writeFile(t, config, fmt.Sprintf(`{
+	admin localhost:2996
+	http_port 9082
+	https_port 9445
+	persist_config off
+	skip_install_trust
+}
+http://localhost:9082 {
+	sse_feed /events {
+		tail %s
+		id /id
+	}
+}
+`, up.feedURL()))
+	caddy := startProcess(t, t.TempDir(), bin, "run", "--config", config)
+	waitServing(t, "http://localhost:9082/", caddy)
+	streams := openLiveStreams(t, newStreamClient(t), "http://localhost:9082/events", manyStreams)
+	waitAllPast(t, streams, up.Produced(), 10*time.Second)
+
+	start := time.Now()
+	if out, err := exec.Command(bin, "stop", "--address", "localhost:2996").CombinedOutput(); err != nil {
+		t.Fatalf("caddy stop: %v\n%s", err, out)
+	}
+	select {
+	case <-caddy.exited:
+	case <-time.After(5 * time.Second):
+		t.Fatalf("caddy still running 5s after stop with %d open streams", manyStreams)
+	}
+	exit := time.Since(start)
+	if caddy.err != nil {
+		t.Errorf("caddy exited with %v\n%s", caddy.err, caddy.output.String())
+	}
+	waitAllEnded(t, streams, time.Second)
+	t.Logf("caddy stop with %d open streams: the process exited %v after the stop command started", manyStreams, exit.Round(time.Millisecond))
 }
