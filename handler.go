@@ -51,9 +51,6 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	if h.Retry > 0 {
 		s.buf = appendRetry(s.buf, time.Duration(h.Retry))
 	}
-	if !s.flush() {
-		return nil
-	}
 	s.run(ready, lastEventID(r))
 	return nil
 }
@@ -85,18 +82,29 @@ type stream struct {
 	heartbeat *time.Timer
 }
 
-// run waits until ready is closed, positions the cursor and then writes
-// frames as they are appended until the stream ends.
+// run flushes the headers, waits until ready is closed, positions the
+// cursor and then writes frames as they are appended until the stream ends.
+// When the feed is ready already, the cursor is positioned before the
+// headers go out, so that no event published after the client has them is
+// missed.
 func (s *stream) run(ready <-chan struct{}, lastID string) {
 	if s.h.Heartbeat > 0 {
 		s.heartbeat = time.NewTimer(time.Duration(s.h.Heartbeat))
 		defer s.heartbeat.Stop()
 	}
-	if !s.await(ready, s.f.done) {
-		return
+	var cursor uint64
+	select {
+	case <-ready:
+		cursor = s.start(lastID)
+		if !s.flush() {
+			return
+		}
+	default:
+		if !s.flush() || !s.await(ready, s.f.done) {
+			return
+		}
+		cursor = s.start(lastID)
 	}
-
-	cursor := s.start(lastID)
 	for {
 		var wake <-chan struct{}
 		var err error
