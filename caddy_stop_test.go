@@ -55,9 +55,9 @@ func TestStopEndsStreamsAndExits(t *testing.T) {
 	up.WaitConnected(t, 1)
 	sendAndExpect(t, up, []string{"before-stop"}, s)
 
-	if out, err := exec.Command(bin, "stop", "--address", stopAdmin).CombinedOutput(); err != nil {
-		t.Fatalf("caddy stop: %v\n%s", err, out)
-	}
+	// `caddy stop` returns when the process has stopped, so it runs in
+	// the background while the test waits for the exit.
+	startProcess(t, t.TempDir(), bin, "stop", "--address", stopAdmin)
 	select {
 	case <-caddy.exited:
 		if caddy.err != nil {
