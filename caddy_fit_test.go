@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/http/httptest"
 	"strconv"
 	"strings"
 	"testing"
@@ -434,7 +435,7 @@ func TestBasicAuthInFront(t *testing.T) {
 	if resp.StatusCode != http.StatusUnauthorized {
 		t.Fatalf("without credentials: status %d, want 401", resp.StatusCode)
 	}
-	if up.WaitConnected(t, 0); len(up.Requests()) != 0 {
+	if len(up.Requests()) != 0 {
 		t.Fatal("an unauthorized request started the feed")
 	}
 
@@ -444,4 +445,43 @@ func TestBasicAuthInFront(t *testing.T) {
 	}
 	up.WaitConnected(t, 1)
 	expectLive(t, up, "auth-", 2, s)
+}
+
+// The README's forward_auth snippet, with the auth service's address.
+const forwardAuthSnippet = `forward_auth /events %s {
+	uri /verify
+	copy_headers Remote-User
+}
+`
+
+func TestForwardAuthInFront(t *testing.T) {
+	auth := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if c, err := r.Cookie("session"); err != nil || c.Value != "ok" {
+			w.WriteHeader(http.StatusUnauthorized)
+			return
+		}
+		w.Header().Set("Remote-User", "alice")
+	}))
+	t.Cleanup(auth.Close)
+	up := newNDJSONUpstream(t)
+	startCaddy(t, fmt.Sprintf(forwardAuthSnippet, auth.Listener.Addr())+tailSite(up.URL, ""))
+
+	resp, err := http.Get(siteURL + "/events")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusUnauthorized {
+		t.Fatalf("without a session: status %d, want 401", resp.StatusCode)
+	}
+	if len(up.Requests()) != 0 {
+		t.Fatal("an unauthorized request started the feed")
+	}
+
+	s := openStream(t, "/events", "Cookie", "session=ok")
+	if s.Response.StatusCode != http.StatusOK {
+		t.Fatalf("with a session: status %d", s.Response.StatusCode)
+	}
+	up.WaitConnected(t, 1)
+	expectLive(t, up, "forward-", 2, s)
 }
