@@ -1,0 +1,392 @@
+package ssefeed
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+	"unicode/utf8"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+
+	"github.com/ssefeed/caddy-ssefeed/internal/ssetest"
+)
+
+// closedURL returns a URL on a local port that nothing listens on, so that
+// a feed's reader fails to connect and only the test publishes to the feed.
+func closedURL(t testing.TB) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	return "http://" + addr + "/stream"
+}
+
+// provision provisions h, a tail feed of its own named after the test with
+// ids at /id and data at /d unless set, and cleans it up when the test
+// ends.
+func provision(t testing.TB, h *Handler) {
+	t.Helper()
+	if h.Tail == "" {
+		h.Tail = closedURL(t)
+	}
+	if h.ID == "" {
+		h.ID = "/id"
+	}
+	if h.Data == "" {
+		h.Data = "/d"
+	}
+	h.Name = t.Name()
+	// Warnings, such as of the reader failing to connect, are expected.
+	quiet := &caddy.Logging{Logs: map[string]*caddy.CustomLog{"default": {BaseLog: caddy.BaseLog{Level: "ERROR"}}}}
+	base, err := caddy.ProvisionContext(&caddy.Config{Logging: quiet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := caddy.NewContext(base)
+	if err := h.Provision(ctx); err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := h.Cleanup(); err != nil {
+			t.Error(err)
+		}
+		cancel()
+	})
+}
+
+// publishIDs hands the feed one element per id, with data "data of <id>", as
+// its reader would.
+func publishIDs(h *Handler, ids ...string) {
+	values := make([]json.RawMessage, len(ids))
+	for i, id := range ids {
+		values[i], _ = json.Marshal(map[string]string{"id": id, "d": "data of " + id})
+	}
+	h.feed.Publish(values)
+}
+
+// serve serves h over HTTP as Caddy would, answering a handler error with
+// its status code.
+func serve(t *testing.T, h *Handler) *httptest.Server {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var he caddyhttp.HandlerError
+		if err := h.ServeHTTP(w, r, nil); errors.As(err, &he) {
+			w.WriteHeader(he.StatusCode)
+		}
+	}))
+	t.Cleanup(srv.Close)
+	return srv
+}
+
+// subscriber is one client's stream, read incrementally.
+type subscriber struct {
+	resp   *http.Response
+	events chan ssetest.Event
+	err    error // set when events is closed
+}
+
+// subscribe GETs rawURL with the given header (name, value pairs) and reads
+// its events until the test ends. The response headers must come within 5s,
+// whether or not the feed has any event.
+func subscribe(t *testing.T, rawURL string, header ...string) *subscriber {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, rawURL, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i+1 < len(header); i += 2 {
+		req.Header.Set(header[i], header[i+1])
+	}
+	headerTimeout := time.AfterFunc(5*time.Second, cancel)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil || !headerTimeout.Stop() {
+		cancel()
+		t.Fatalf("GET %s: no response headers within 5s: %v", rawURL, err)
+	}
+	s := &subscriber{resp: resp, events: make(chan ssetest.Event, 1024)}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		r := ssetest.NewReader(resp.Body)
+		for {
+			ev, err := r.NextEvent()
+			if err != nil {
+				s.err = err
+				close(s.events)
+				return
+			}
+			s.events <- ev
+		}
+	}()
+	t.Cleanup(func() {
+		cancel()
+		resp.Body.Close()
+		<-done
+	})
+	return s
+}
+
+// next returns the next event, failing the test if none comes within 5s.
+func (s *subscriber) next(t *testing.T) ssetest.Event {
+	t.Helper()
+	select {
+	case ev, ok := <-s.events:
+		if !ok {
+			t.Fatalf("stream ended: %v", s.err)
+		}
+		return ev
+	case <-time.After(5 * time.Second):
+		t.Fatal("no event within 5s")
+	}
+	return ssetest.Event{}
+}
+
+// expectIDs reads events and fails unless their ids are want, in order.
+func (s *subscriber) expectIDs(t *testing.T, want ...string) {
+	t.Helper()
+	for _, id := range want {
+		ev := s.next(t)
+		if ev.LastEventID != id || !ev.HasIDField || ev.Data != "data of "+id {
+			t.Fatalf("event %#v, want id %q", ev, id)
+		}
+	}
+}
+
+func TestServeHTTPHeadersBeforeAnyEvent(t *testing.T) {
+	h := &Handler{Heartbeat: -1}
+	provision(t, h)
+	srv := serve(t, h)
+	s := subscribe(t, srv.URL) // fails unless the headers come without an event
+	for name, want := range map[string]string{
+		"Content-Type":      "text/event-stream",
+		"Cache-Control":     "no-cache",
+		"X-Accel-Buffering": "no",
+	} {
+		if got := s.resp.Header.Get(name); got != want {
+			t.Errorf("%s = %q, want %q", name, got, want)
+		}
+	}
+	if s.resp.StatusCode != http.StatusOK || s.resp.ContentLength != -1 {
+		t.Errorf("status %d, content length %d; want 200 and a stream", s.resp.StatusCode, s.resp.ContentLength)
+	}
+	publishIDs(h, "1")
+	s.expectIDs(t, "1")
+}
+
+func TestServeHTTPMethodNotAllowed(t *testing.T) {
+	h := &Handler{}
+	provision(t, h)
+	for _, method := range []string{http.MethodPost, http.MethodHead, http.MethodPut} {
+		w := httptest.NewRecorder()
+		err := h.ServeHTTP(w, httptest.NewRequest(method, "/events", nil), nil)
+		var he caddyhttp.HandlerError
+		if !errors.As(err, &he) || he.StatusCode != http.StatusMethodNotAllowed {
+			t.Errorf("%s: error %v, want 405", method, err)
+		}
+		if got := w.Header().Get("Allow"); got != http.MethodGet {
+			t.Errorf("%s: Allow = %q", method, got)
+		}
+	}
+}
+
+func TestServeHTTPResumes(t *testing.T) {
+	for _, tc := range []struct {
+		name, query string
+		header      []string
+	}{
+		{"header", "", []string{"Last-Event-ID", "2"}},
+		{"lastEventId query", "?lastEventId=2", nil},
+		{"last_event_id query", "?last_event_id=2", nil},
+		{"header before query", "?lastEventId=1&last_event_id=1", []string{"Last-Event-ID", "2"}},
+		{"lastEventId before last_event_id", "?lastEventId=2&last_event_id=1", nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := &Handler{Heartbeat: -1}
+			provision(t, h)
+			srv := serve(t, h)
+			publishIDs(h, "1", "2", "3", "4")
+			s := subscribe(t, srv.URL+tc.query, tc.header...)
+			s.expectIDs(t, "3", "4")
+			publishIDs(h, "5")
+			s.expectIDs(t, "5")
+		})
+	}
+}
+
+func TestServeHTTPResumeHandOverHasNoGapOrDuplicate(t *testing.T) {
+	h := &Handler{Heartbeat: -1}
+	provision(t, h)
+	srv := serve(t, h)
+	publishIDs(h, "1", "2")
+	const last = 300
+	published := make(chan struct{})
+	go func() {
+		defer close(published)
+		for i := 3; i <= last; i++ {
+			publishIDs(h, strconv.Itoa(i))
+		}
+	}()
+	s := subscribe(t, srv.URL, "Last-Event-ID", "2")
+	for i := 3; i <= last; i++ {
+		s.expectIDs(t, strconv.Itoa(i))
+	}
+	<-published
+}
+
+func TestServeHTTPUnknownIDGetsResetThenRetained(t *testing.T) {
+	for _, id := range []string{"gone", "zzzz-1", strings.Repeat("9", 128)} {
+		t.Run(id[:min(len(id), 8)], func(t *testing.T) {
+			h := &Handler{Heartbeat: -1, ResetEvent: "start_over"}
+			provision(t, h)
+			srv := serve(t, h)
+			publishIDs(h, "a", "b")
+			s := subscribe(t, srv.URL, "Last-Event-ID", id)
+			reset := s.next(t)
+			var data struct {
+				LastEventID string `json:"last_event_id"`
+			}
+			if reset.Type != "start_over" || reset.HasIDField || json.Unmarshal([]byte(reset.Data), &data) != nil || data.LastEventID != id {
+				t.Fatalf("first event %#v, want the reset event naming %q", reset, id)
+			}
+			s.expectIDs(t, "a", "b")
+			publishIDs(h, "c")
+			s.expectIDs(t, "c")
+		})
+	}
+}
+
+func TestServeHTTPResetWithNothingRetained(t *testing.T) {
+	h := &Handler{Heartbeat: -1}
+	provision(t, h)
+	srv := serve(t, h)
+	s := subscribe(t, srv.URL+"?last_event_id=old")
+	if reset := s.next(t); reset.Type != "reset" || reset.Data != `{"last_event_id":"old"}` {
+		t.Fatalf("first event %#v, want the reset event", reset)
+	}
+	publishIDs(h, "x")
+	s.expectIDs(t, "x")
+}
+
+func TestServeHTTPNeverWritesInvalidIDs(t *testing.T) {
+	h := &Handler{Heartbeat: -1}
+	provision(t, h)
+	srv := serve(t, h)
+	s := subscribe(t, srv.URL)
+	for _, id := range []string{"a\rb", "a\nb", "a\x00b", strings.Repeat("x", 129), "\xff", "ok"} {
+		t.Run(fmt.Sprintf("%q", id[:min(len(id), 8)]), func(t *testing.T) {
+			publishIDs(h, id)
+			ev := s.next(t)
+			switch {
+			case ev.Data != normalisedData("data of "+id):
+				t.Fatalf("event %#v is not the one published", ev)
+			case !ev.HasIDField || !validID(ev.LastEventID):
+				t.Fatalf("event %#v has no valid id", ev)
+			case validID(id) && ev.LastEventID != id:
+				t.Fatalf("event %#v lost its valid id %q", ev, id)
+			case !utf8.ValidString(id) && ev.LastEventID == id:
+				t.Fatalf("event %#v kept an invalid id", ev)
+			case strings.ContainsAny(id, "\r\n\x00") || len(id) > maxIDLength:
+				if !strings.HasPrefix(ev.LastEventID, h.feed.idPrefix) {
+					t.Fatalf("event %#v has no generated id", ev)
+				}
+			}
+		})
+	}
+}
+
+// pipeResponse is a ResponseWriter whose body is read from a pipe, so that
+// a test reads a stream as it is written without a network.
+type pipeResponse struct {
+	header http.Header
+	body   *io.PipeWriter
+}
+
+func (p *pipeResponse) Header() http.Header         { return p.header }
+func (p *pipeResponse) Write(b []byte) (int, error) { return p.body.Write(b) }
+func (p *pipeResponse) WriteHeader(int)             {}
+func (p *pipeResponse) Flush()                      {}
+
+// FuzzLastEventID resumes from arbitrary ids, by header or query, on a feed
+// holding a1, a2 and a3.
+func FuzzLastEventID(f *testing.F) {
+	h := &Handler{Heartbeat: -1, Initial: new(1)}
+	provision(f, h)
+	publishIDs(h, "a1", "a2", "a3")
+	known := map[string]string{"a1": "a2", "a2": "a3", "": "a3"} // id -> first event
+
+	f.Add("a1", false)
+	f.Add("a2", true)
+	f.Add("", false)
+	f.Add("zzzz-1", false)
+	f.Add(h.feed.idPrefix+"1", true)
+	f.Add("a\x00b", true)
+	f.Add("a\rb\nc", true)
+	f.Add("\xff\xfe\"}\n\ndata: x\n\n", false)
+	f.Add(strings.Repeat("long", 1<<14), false)
+	f.Fuzz(func(t *testing.T, id string, inQuery bool) {
+		if id == "a3" {
+			t.Skip("nothing follows the newest id")
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		req := httptest.NewRequest(http.MethodGet, "/events", nil).WithContext(ctx)
+		if inQuery {
+			req.URL.RawQuery = "last_event_id=" + url.QueryEscape(id)
+		} else {
+			req.Header["Last-Event-Id"] = []string{id}
+		}
+		pr, pw := io.Pipe()
+		served := make(chan error, 1)
+		go func() {
+			served <- h.ServeHTTP(&pipeResponse{header: make(http.Header), body: pw}, req, nil)
+			pw.Close()
+		}()
+		stalled := time.AfterFunc(10*time.Second, func() { pr.CloseWithError(errors.New("stream stalled for 10s")) })
+		defer stalled.Stop()
+		var raw bytes.Buffer
+		body := io.TeeReader(pr, &raw)
+		r := ssetest.NewReader(body)
+
+		ev, err := r.NextEvent()
+		if err != nil {
+			t.Fatalf("reading the first event: %v", err)
+		}
+		if want, ok := known[id]; ok {
+			if ev.LastEventID != want {
+				t.Fatalf("first event %#v, want %q", ev, want)
+			}
+		} else {
+			var data map[string]string
+			if ev.Type != "reset" || json.Unmarshal([]byte(ev.Data), &data) != nil || data["last_event_id"] != string([]rune(id)) {
+				t.Fatalf("first event %#v, want a reset naming %q", ev, id)
+			}
+			if ev, err := r.NextEvent(); err != nil || ev.LastEventID != "a1" {
+				t.Fatalf("event after the reset %#v, %v; want a1", ev, err)
+			}
+		}
+		cancel()
+		_, _ = io.Copy(io.Discard, body)
+		if err := <-served; err != nil {
+			t.Fatalf("ServeHTTP: %v", err)
+		}
+		if !utf8.Valid(raw.Bytes()) || bytes.HasPrefix(raw.Bytes(), []byte("\uFEFF")) {
+			t.Fatalf("stream is not UTF-8 without a BOM: %q", raw.Bytes())
+		}
+	})
+}
