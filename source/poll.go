@@ -1,6 +1,7 @@
 package source
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -106,15 +107,22 @@ func (p *Poll) readBody(resp *http.Response) ([]byte, string, error) {
 	if err := checkStatus(resp, time.Now()); err != nil {
 		return nil, ReasonStatus, err
 	}
-	body, err := io.ReadAll(io.LimitReader(resp.Body, p.MaxBody+1))
-	if err != nil {
+	tooLarge := fmt.Errorf("body over max_body (%d bytes)", p.MaxBody)
+	if resp.ContentLength > p.MaxBody {
+		return nil, ReasonTooLarge, tooLarge
+	}
+	var body bytes.Buffer
+	if resp.ContentLength > 0 {
+		body.Grow(int(resp.ContentLength) + bytes.MinRead) // room to see EOF without growing
+	}
+	if _, err := body.ReadFrom(io.LimitReader(resp.Body, p.MaxBody+1)); err != nil {
 		return nil, ReasonRead, err
 	}
-	if int64(len(body)) > p.MaxBody {
-		return nil, ReasonTooLarge, fmt.Errorf("body over max_body (%d bytes)", p.MaxBody)
+	if int64(body.Len()) > p.MaxBody {
+		return nil, ReasonTooLarge, tooLarge
 	}
-	if !json.Valid(body) {
+	if !json.Valid(body.Bytes()) {
 		return nil, ReasonInvalidJSON, fmt.Errorf("body is not valid JSON")
 	}
-	return body, "", nil
+	return body.Bytes(), "", nil
 }
