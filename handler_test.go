@@ -271,6 +271,30 @@ func TestServeHTTPUnknownIDGetsResetThenRetained(t *testing.T) {
 	}
 }
 
+func TestServeHTTPIDFromAnEarlierFeedIsUnknown(t *testing.T) {
+	anonymous := []json.RawMessage{json.RawMessage(`{"d": "x"}`), json.RawMessage(`{"d": "y"}`)}
+	earlier := &Handler{Heartbeat: -1}
+	provision(t, earlier)
+	earlier.feed.Publish(anonymous)
+	oldID := earlier.feed.LastID()
+	if err := earlier.Cleanup(); err != nil {
+		t.Fatal(err)
+	}
+
+	// The same config after a restart: a new feed numbers its ids afresh.
+	h := &Handler{Heartbeat: -1, Tail: earlier.Tail}
+	provision(t, h)
+	h.feed.Publish(anonymous)
+	h.feed.Publish(anonymous)
+	if h.feed == earlier.feed || h.feed.LastID() == oldID {
+		t.Fatalf("the new feed's ids %q repeat the earlier feed's %q", h.feed.LastID(), oldID)
+	}
+	s := subscribe(t, serve(t, h).URL, "Last-Event-ID", oldID)
+	if reset := s.next(t); reset.Type != "reset" {
+		t.Fatalf("first event %#v, want the reset event", reset)
+	}
+}
+
 func TestServeHTTPResetWithNothingRetained(t *testing.T) {
 	h := &Handler{Heartbeat: -1}
 	provision(t, h)
@@ -335,6 +359,7 @@ func FuzzLastEventID(f *testing.F) {
 	f.Add("", false)
 	f.Add("zzzz-1", false)
 	f.Add(h.feed.idPrefix+"1", true)
+	f.Add(strconv.FormatInt(time.Now().Add(-time.Hour).UnixNano(), 36)+"-1", false)
 	f.Add("a\x00b", true)
 	f.Add("a\rb\nc", true)
 	f.Add("\xff\xfe\"}\n\ndata: x\n\n", false)
