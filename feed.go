@@ -64,6 +64,9 @@ type feed struct {
 	// tail, at once. Subscribers wait for it, so that the first poll after
 	// an item feed starts is a baseline and not news.
 	ready chan struct{}
+	// readyAt is the log's end when ready was closed: subscribers that
+	// waited take their place relative to it, not to when they woke.
+	readyAt uint64
 
 	// Fields below are used by the reader's goroutine only, under publishMu.
 	publishMu sync.Mutex
@@ -99,15 +102,26 @@ func (f *feed) markReady() {
 	select {
 	case <-f.ready:
 	default:
+		f.readyAt = f.log.Next()
 		close(f.ready)
 	}
 }
 
-// subscribe counts a new subscriber and starts the reader if none runs. It
-// returns a channel closed when the subscriber may take its place in the
-// log, and false when the feed is closed or already has limit subscribers
-// (a limit of 0 means none).
-func (f *feed) subscribe(limit int) (ready <-chan struct{}, ok bool) {
+// readyEnd returns the log's end when the feed last became ready.
+func (f *feed) readyEnd() uint64 {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.readyAt
+}
+
+// subscribe counts a new subscriber and starts the reader if none runs.
+// When the feed is ready, it calls position first, before a reader can
+// publish, so that the subscriber takes its place in the log at its arrival
+// and returns a nil channel. Otherwise it returns a channel closed when the
+// subscriber may take its place: after the first poll. It returns false
+// when the feed is closed or already has limit subscribers (a limit of 0
+// means none).
+func (f *feed) subscribe(limit int, position func()) (wait <-chan struct{}, ok bool) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.closed || limit > 0 && f.subscribers >= limit {
@@ -116,14 +130,21 @@ func (f *feed) subscribe(limit int) (ready <-chan struct{}, ok bool) {
 	f.subscribers++
 	f.metrics.subscribers.Inc()
 	f.lingerGen++
-	if f.stopReader == nil {
-		if f.kind == itemFeed {
-			select {
-			case <-f.ready:
-				f.ready = make(chan struct{}) // a new baseline
-			default:
-			}
+	if f.stopReader == nil && f.kind == itemFeed {
+		select {
+		case <-f.ready:
+			f.ready = make(chan struct{}) // a new baseline
+		default:
 		}
+	}
+	wait = f.ready
+	select {
+	case <-f.ready:
+		position()
+		wait = nil
+	default:
+	}
+	if f.stopReader == nil {
 		ctx, cancel := context.WithCancel(context.Background())
 		f.stopReader = cancel
 		f.logger.Info("feed started")
@@ -139,7 +160,7 @@ func (f *feed) subscribe(limit int) (ready <-chan struct{}, ok bool) {
 			f.source.Run(ctx, f)
 		}()
 	}
-	return f.ready, true
+	return wait, true
 }
 
 // unsubscribe counts a subscriber gone; the last one starts the linger,

@@ -280,10 +280,24 @@ func TestReady(t *testing.T) {
 	}
 }
 
+func TestReadyEndIsTheBaselineEnd(t *testing.T) {
+	f := newTestFeed(t, itemFeed, Handler{Items: "/items", ID: "/id"}, replay.Limits{})
+	wait, _ := f.subscribe(0, func() { t.Error("positioned before the first poll") })
+	defer f.unsubscribe()
+	publish(f, `{"items":[{"id":"a"},{"id":"b"}]}`)
+	<-wait
+	publish(f, `{"items":[{"id":"a"},{"id":"b"},{"id":"c"}]}`)
+	// A subscriber that waited and wakes only now still starts after the
+	// baseline, so c is news to it.
+	if end := f.readyEnd(); end != 2 {
+		t.Fatalf("readyEnd = %d, want 2, the end of the baseline", end)
+	}
+}
+
 func TestItemFeedRestartTakesANewBaseline(t *testing.T) {
 	f := newTestFeed(t, itemFeed, Handler{Items: "/items", ID: "/id"}, replay.Limits{})
 	r := f.source.(*stubReader)
-	ready, _ := f.subscribe(0)
+	ready, _ := f.subscribe(0, func() {})
 	publish(f, `{"items":[{"id":"a"}]}`)
 	if !isDone(ready) {
 		t.Fatal("not ready after the first poll")
@@ -291,7 +305,7 @@ func TestItemFeedRestartTakesANewBaseline(t *testing.T) {
 	f.unsubscribe()
 	waitUntil(t, "the reader stopped after the linger", func() bool { _, e, _ := r.counts(); return e == 1 })
 
-	ready, _ = f.subscribe(0)
+	ready, _ = f.subscribe(0, func() {})
 	defer f.unsubscribe()
 	if isDone(ready) {
 		t.Fatal("a restarted item feed is ready before its new first poll")
@@ -320,14 +334,14 @@ func TestSubscribeStartsAndLingerStops(t *testing.T) {
 	}
 
 	for range 3 {
-		if _, ok := f.subscribe(0); !ok {
+		if _, ok := f.subscribe(0, func() {}); !ok {
 			t.Fatal("subscribe refused")
 		}
 	}
 	waitUntil(t, "one reader started", runs(1, 0))
 	f.unsubscribe()
 	f.unsubscribe()
-	f.subscribe(0) // back to two before the linger ends
+	f.subscribe(0, func() {}) // back to two before the linger ends
 	f.unsubscribe()
 	time.Sleep(20 * time.Millisecond)
 	if s, e, _ := r.counts(); s != 1 || e != 0 {
@@ -337,9 +351,9 @@ func TestSubscribeStartsAndLingerStops(t *testing.T) {
 	waitUntil(t, "the reader stopped after the linger", runs(1, 1))
 
 	// A new subscriber starts it again; so does a quick leave and return.
-	f.subscribe(0)
+	f.subscribe(0, func() {})
 	f.unsubscribe()
-	f.subscribe(0)
+	f.subscribe(0, func() {})
 	waitUntil(t, "the reader started again", func() bool { s, _, _ := r.counts(); return s >= 2 })
 	f.unsubscribe()
 	waitUntil(t, "every reader stopped", func() bool { s, e, _ := r.counts(); return s == e })
@@ -351,18 +365,18 @@ func TestSubscribeStartsAndLingerStops(t *testing.T) {
 func TestMaxSubscribers(t *testing.T) {
 	f := newTestFeed(t, tailFeed, Handler{}, replay.Limits{})
 	for i := range 2 {
-		if _, ok := f.subscribe(2); !ok {
+		if _, ok := f.subscribe(2, func() {}); !ok {
 			t.Fatalf("subscriber %d refused under the limit", i+1)
 		}
 	}
-	if _, ok := f.subscribe(2); ok {
+	if _, ok := f.subscribe(2, func() {}); ok {
 		t.Fatal("a third subscriber accepted with a limit of 2")
 	}
 	f.unsubscribe()
-	if _, ok := f.subscribe(2); !ok {
+	if _, ok := f.subscribe(2, func() {}); !ok {
 		t.Fatal("a subscriber refused after one left")
 	}
-	if _, ok := f.subscribe(0); !ok {
+	if _, ok := f.subscribe(0, func() {}); !ok {
 		t.Fatal("a limit of 0 refused a subscriber")
 	}
 	f.unsubscribe()
@@ -373,7 +387,7 @@ func TestMaxSubscribers(t *testing.T) {
 func TestDestruct(t *testing.T) {
 	f := newTestFeed(t, tailFeed, Handler{}, replay.Limits{})
 	r := f.source.(*stubReader)
-	f.subscribe(0)
+	f.subscribe(0, func() {})
 	waitUntil(t, "the reader started", func() bool { s, _, _ := r.counts(); return s == 1 })
 	_, _, wake, err := f.log.Read(f.log.Next(), nil, 1)
 	if err != nil {
@@ -389,7 +403,7 @@ func TestDestruct(t *testing.T) {
 		t.Errorf("Read after Destruct: %v, want ErrClosed", err)
 	}
 	waitUntil(t, "the reader stopped", func() bool { _, e, _ := r.counts(); return e == 1 })
-	if _, ok := f.subscribe(0); ok {
+	if _, ok := f.subscribe(0, func() {}); ok {
 		t.Error("a destructed feed accepted a subscriber")
 	}
 	f.unsubscribe() // the subscriber still streaming leaves

@@ -37,7 +37,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	header.Del("Content-Length")
 	rc := http.NewResponseController(w)
 
-	ready, ok := h.feed.subscribe(h.MaxSubscribers)
+	s := &stream{h: h, f: h.feed, w: w, rc: rc, r: r}
+	if h.Retry > 0 {
+		s.buf = appendRetry(s.buf, time.Duration(h.Retry))
+	}
+	lastID := lastEventID(r)
+	wait, ok := h.feed.subscribe(h.MaxSubscribers, func() { s.cursor = s.start(lastID, h.feed.log.Next()) })
 	if !ok {
 		w.WriteHeader(http.StatusOK)
 		base := max(time.Duration(h.Retry), overCapacityRetry)
@@ -46,12 +51,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	}
 	defer h.feed.unsubscribe()
 	w.WriteHeader(http.StatusOK)
-
-	s := &stream{h: h, f: h.feed, w: w, rc: rc, r: r}
-	if h.Retry > 0 {
-		s.buf = appendRetry(s.buf, time.Duration(h.Retry))
-	}
-	s.run(ready, lastEventID(r))
+	s.run(wait, lastID)
 	return nil
 }
 
@@ -77,34 +77,30 @@ type stream struct {
 	rc *http.ResponseController
 	r  *http.Request
 
+	cursor    uint64   // where the stream starts in the feed's log
 	buf       []byte   // bytes of this stream only: retry, reset, heartbeat
 	frames    [][]byte // scratch for the frames of one write
 	heartbeat *time.Timer
 }
 
-// run flushes the headers, waits until ready is closed, positions the
-// cursor and then writes frames as they are appended until the stream ends.
-// When the feed is ready already, the cursor is positioned before the
-// headers go out, so that no event published after the client has them is
-// missed.
-func (s *stream) run(ready <-chan struct{}, lastID string) {
+// run flushes the headers and, when the feed was not ready at subscription,
+// waits until wait is closed and positions the cursor. Then it writes frames
+// as they are appended until the stream ends.
+func (s *stream) run(wait <-chan struct{}, lastID string) {
 	if s.h.Heartbeat > 0 {
 		s.heartbeat = time.NewTimer(time.Duration(s.h.Heartbeat))
 		defer s.heartbeat.Stop()
 	}
-	var cursor uint64
-	select {
-	case <-ready:
-		cursor = s.start(lastID)
-		if !s.flush() {
-			return
-		}
-	default:
-		if !s.flush() || !s.await(ready, s.f.done) {
-			return
-		}
-		cursor = s.start(lastID)
+	if !s.flush() {
+		return
 	}
+	if wait != nil {
+		if !s.await(wait, s.f.done) {
+			return
+		}
+		s.cursor = s.start(lastID, s.f.readyEnd())
+	}
+	cursor := s.cursor
 	for {
 		var wake <-chan struct{}
 		var err error
@@ -161,15 +157,16 @@ func (s *stream) await(ch, done <-chan struct{}) bool {
 	}
 }
 
-// start returns the cursor where the stream begins. A known last id resumes
-// right after it. An unknown one gets the reset event, then every retained
-// event of an item feed or the latest document. No last id gets the initial
-// count of newest events.
-func (s *stream) start(lastID string) uint64 {
+// start returns the cursor where the stream begins, end being the log's end
+// when the subscriber took its place. A known last id resumes right after
+// it. An unknown one gets the reset event, then every retained event of an
+// item feed or the latest document. No last id gets the initial count of
+// newest events.
+func (s *stream) start(lastID string, end uint64) uint64 {
 	log := s.f.log
 	log.Expire()
 	if lastID == "" {
-		return log.Tail(*s.h.Initial)
+		return log.Tail(end, *s.h.Initial)
 	}
 	if cursor, ok := log.After(lastID); ok {
 		s.f.metrics.resumeHit.Inc()
@@ -180,9 +177,9 @@ func (s *stream) start(lastID string) uint64 {
 	data, _ := json.Marshal(map[string]string{"last_event_id": lastID})
 	s.buf = appendEvent(s.buf, Event{Type: s.h.ResetEvent, Data: string(data)})
 	if s.f.kind == documentFeed {
-		return log.Tail(1)
+		return log.Tail(end, 1)
 	}
-	return log.Tail(s.h.Replay)
+	return log.Tail(end, s.h.Replay)
 }
 
 // heartbeatC returns the heartbeat timer's channel, or nil when heartbeats

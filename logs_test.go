@@ -34,11 +34,9 @@ func TestLogLevels(t *testing.T) {
 		replay.Limits{Count: 10, Bytes: 1 << 20}, time.Millisecond, zap.New(core))
 	defer f.Destruct()
 
-	ready, ok := f.subscribe(0)
-	if !ok {
+	if _, ok := f.subscribe(0, func() {}); !ok {
 		t.Fatal("subscribe refused")
 	}
-	<-ready
 	waitForLog(t, logs, "published")
 	f.unsubscribe()
 	waitForLog(t, logs, "feed stopped: no subscribers")

@@ -146,15 +146,16 @@ func (l *Log) Next() uint64 {
 	return l.next
 }
 
-// Tail returns a cursor at the n newest retained frames, or at the oldest
-// retained frame when fewer are retained.
-func (l *Log) Tail(n int) uint64 {
+// Tail returns a cursor n frames before end, a cursor such as Next once
+// returned, but not before the oldest retained frame.
+func (l *Log) Tail(end uint64, n int) uint64 {
 	l.mu.RLock()
 	defer l.mu.RUnlock()
-	if n > l.retained() {
-		n = l.retained()
+	first := l.first()
+	if end < first+uint64(n) {
+		return first
 	}
-	return l.next - uint64(n)
+	return end - uint64(n)
 }
 
 // After returns a cursor just after the frame with the given id, and whether

@@ -69,7 +69,7 @@ func equal(a, b []string) bool {
 func TestEvictByCount(t *testing.T) {
 	l := New(Limits{Count: 3})
 	appendNamed(l, "a", "b", "c", "d", "e")
-	if got := readAll(t, l, l.Tail(10)); !equal(got, []string{"c", "d", "e"}) {
+	if got := readAll(t, l, l.Tail(l.Next(), 10)); !equal(got, []string{"c", "d", "e"}) {
 		t.Errorf("retained %v, want [c d e]", got)
 	}
 	if _, ok := l.After("b"); ok {
@@ -121,19 +121,19 @@ func TestEvictByAge(t *testing.T) {
 	appendNamed(l, "b")
 	clock.advance(31 * time.Second)
 	appendNamed(l, "c") // a is now 61s old
-	if got := readAll(t, l, l.Tail(10)); !equal(got, []string{"b", "c"}) {
+	if got := readAll(t, l, l.Tail(l.Next(), 10)); !equal(got, []string{"b", "c"}) {
 		t.Errorf("after append: retained %v, want [b c]", got)
 	}
 
 	clock.advance(40 * time.Second) // b is 71s old, c 40s
 	l.Expire()
-	if got := readAll(t, l, l.Tail(10)); !equal(got, []string{"c"}) {
+	if got := readAll(t, l, l.Tail(l.Next(), 10)); !equal(got, []string{"c"}) {
 		t.Errorf("after Expire: retained %v, want [c]", got)
 	}
 
 	clock.advance(time.Hour)
 	l.Expire()
-	if got := readAll(t, l, l.Tail(10)); !equal(got, []string{"c"}) {
+	if got := readAll(t, l, l.Tail(l.Next(), 10)); !equal(got, []string{"c"}) {
 		t.Errorf("the newest frame must stay for a document feed; retained %v", got)
 	}
 	if _, ok := l.After("c"); ok {
@@ -179,7 +179,7 @@ func TestAfter(t *testing.T) {
 
 func TestTail(t *testing.T) {
 	l := New(Limits{Count: 4})
-	if c := l.Tail(3); c != l.Next() {
+	if c := l.Tail(l.Next(), 3); c != l.Next() {
 		t.Errorf("Tail(3) of an empty log = %d, want Next() = %d", c, l.Next())
 	}
 	appendNamed(l, "a", "b", "c", "d", "e", "f")
@@ -194,9 +194,17 @@ func TestTail(t *testing.T) {
 		{100, []string{"c", "d", "e", "f"}},
 	}
 	for _, tt := range tests {
-		if got := readAll(t, l, l.Tail(tt.n)); !equal(got, tt.want) {
+		if got := readAll(t, l, l.Tail(l.Next(), tt.n)); !equal(got, tt.want) {
 			t.Errorf("Tail(%d) reads %v, want %v", tt.n, got, tt.want)
 		}
+	}
+	// An earlier end: one frame before where e was appended.
+	if got := readAll(t, l, l.Tail(l.Next()-2, 1)); !equal(got, []string{"d", "e", "f"}) {
+		t.Errorf("Tail(Next-2, 1) reads %v, want [d e f]", got)
+	}
+	// An end before the oldest retained frame starts at the oldest.
+	if got := readAll(t, l, l.Tail(1, 0)); !equal(got, []string{"c", "d", "e", "f"}) {
+		t.Errorf("Tail(1, 0) reads %v, want [c d e f]", got)
 	}
 }
 
@@ -226,7 +234,7 @@ func TestRead(t *testing.T) {
 		t.Errorf("Read before the oldest frame: err = %v, want ErrEvicted", err)
 	}
 	l.Close()
-	if _, _, _, err := l.Read(l.Tail(1), nil, 10); !errors.Is(err, ErrClosed) {
+	if _, _, _, err := l.Read(l.Tail(l.Next(), 1), nil, 10); !errors.Is(err, ErrClosed) {
 		t.Errorf("Read after Close: err = %v, want ErrClosed", err)
 	}
 }
