@@ -886,7 +886,7 @@ func writeNDJSON(w http.ResponseWriter, lines ...string) {
 }
 
 // expectComments waits for n comments on s, failing on an event.
-func expectComments(t *testing.T, s *stream, n int) {
+func expectComments(t *testing.T, s *ssetest.Stream, n int) {
 	t.Helper()
 	for n > 0 {
 		item := s.Next(t)

@@ -2,7 +2,6 @@ package ssefeed_test
 
 import (
 	"compress/gzip"
-	"context"
 	"crypto/tls"
 	"fmt"
 	"io"
@@ -51,53 +50,10 @@ func startCaddyConfig(t *testing.T, config string) *caddytest.Tester {
 	return tester
 }
 
-// openStreamVia is openStream with a given client and URL; decode, when not
-// nil, wraps the body (for example in a gzip reader) in the reading
-// goroutine, so that it may block until the first bytes come.
-func openStreamVia(t *testing.T, client *http.Client, url string, decode func(io.Reader) (io.Reader, error), header ...string) *stream {
-	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for i := 0; i+1 < len(header); i += 2 {
-		req.Header.Set(header[i], header[i+1])
-	}
-	headerTimeout := time.AfterFunc(5*time.Second, cancel)
-	resp, err := client.Do(req)
-	if err != nil || !headerTimeout.Stop() {
-		cancel()
-		t.Fatalf("GET %s: no response headers within 5s: %v", url, err)
-	}
-	s := &stream{Response: resp, items: make(chan ssetest.Item, 1024), errs: make(chan error, 1), cancel: cancel}
-	go func() {
-		defer close(s.items)
-		var body io.Reader = resp.Body
-		if decode != nil {
-			if body, err = decode(resp.Body); err != nil {
-				s.errs <- err
-				return
-			}
-		}
-		r := ssetest.NewReader(body)
-		for {
-			item, err := r.Next()
-			if err != nil {
-				s.errs <- err
-				return
-			}
-			s.items <- item
-		}
-	}()
-	t.Cleanup(s.Close)
-	return s
-}
-
 // expectLive sends n lines upstream, one at a time, and checks that each
 // becomes an event on every stream before the next line is sent. It logs
 // how long each event took.
-func expectLive(t *testing.T, up *ndjsonUpstream, prefix string, n int, streams ...*stream) {
+func expectLive(t *testing.T, up *ndjsonUpstream, prefix string, n int, streams ...*ssetest.Stream) {
 	t.Helper()
 	for i := 1; i <= n; i++ {
 		id := prefix + strconv.Itoa(i)
@@ -145,7 +101,7 @@ func TestEncodeFlushesEachEvent(t *testing.T) {
 		t.Run(tc.encoding, func(t *testing.T) {
 			up := newNDJSONUpstream(t)
 			startCaddy(t, "encode gzip zstd\n"+tailSite(up.URL, ""))
-			s := openStreamVia(t, http.DefaultClient, siteURL+"/events", tc.decode, "Accept-Encoding", tc.encoding)
+			s := ssetest.OpenWith(t, http.DefaultClient, tc.decode, siteURL+"/events", "Accept-Encoding", tc.encoding)
 			if got := s.Response.Header.Get("Content-Encoding"); got != tc.encoding {
 				t.Fatalf("Content-Encoding = %q, want %q", got, tc.encoding)
 			}
@@ -169,9 +125,9 @@ func TestHTTP2Cleartext(t *testing.T) {
 
 	// Two streams share one connection: what keeps a browser under its limit
 	// of six HTTP/1.1 connections per origin.
-	streams := []*stream{
-		openStreamVia(t, client, siteURL+"/events", nil),
-		openStreamVia(t, client, siteURL+"/events", nil),
+	streams := []*ssetest.Stream{
+		ssetest.OpenWith(t, client, nil, siteURL+"/events"),
+		ssetest.OpenWith(t, client, nil, siteURL+"/events"),
 	}
 	for _, s := range streams {
 		if s.Response.ProtoMajor != 2 {
@@ -218,7 +174,7 @@ func TestHTTP2OverTLS(t *testing.T) {
 		ForceAttemptHTTP2: true,
 	}
 	t.Cleanup(transport.CloseIdleConnections)
-	s := openStreamVia(t, &http.Client{Transport: transport}, tlsURL+"/events", nil)
+	s := ssetest.OpenWith(t, &http.Client{Transport: transport}, nil, tlsURL+"/events")
 	if s.Response.ProtoMajor != 2 {
 		t.Fatalf("protocol %s, want HTTP/2", s.Response.Proto)
 	}
@@ -233,7 +189,7 @@ func TestHTTP3(t *testing.T) {
 	waitForCertificate(t)
 	transport := &http3.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}
 	t.Cleanup(func() { transport.Close() })
-	s := openStreamVia(t, &http.Client{Transport: transport}, tlsURL+"/events", nil)
+	s := ssetest.OpenWith(t, &http.Client{Transport: transport}, nil, tlsURL+"/events")
 	if s.Response.ProtoMajor != 3 {
 		t.Fatalf("protocol %s, want HTTP/3", s.Response.Proto)
 	}
@@ -439,7 +395,7 @@ func TestBasicAuthInFront(t *testing.T) {
 		t.Fatal("an unauthorized request started the feed")
 	}
 
-	s := openStreamVia(t, http.DefaultClient, "http://alice:secret@localhost:9080/events", nil)
+	s := ssetest.Open(t, "http://alice:secret@localhost:9080/events")
 	if s.Response.StatusCode != http.StatusOK {
 		t.Fatalf("with credentials: status %d", s.Response.StatusCode)
 	}

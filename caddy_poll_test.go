@@ -9,6 +9,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/ssefeed/caddy-ssefeed/internal/ssetest"
 )
 
 // itemsDoc returns a JSON document whose "items" array holds an element
@@ -23,7 +25,7 @@ func itemsDoc(ids ...int) string {
 
 // expectData reads the next events and fails unless their data are want,
 // in order.
-func expectData(t *testing.T, s *stream, want ...string) {
+func expectData(t *testing.T, s *ssetest.Stream, want ...string) {
 	t.Helper()
 	for i, w := range want {
 		if ev := s.NextEvent(t); ev.Data != w {
@@ -33,7 +35,7 @@ func expectData(t *testing.T, s *stream, want ...string) {
 }
 
 // expectHeartbeats reads n comments and fails if an event comes first.
-func expectHeartbeats(t *testing.T, s *stream, n int) {
+func expectHeartbeats(t *testing.T, s *ssetest.Stream, n int) {
 	t.Helper()
 	for n > 0 {
 		item := s.Next(t)
@@ -233,7 +235,7 @@ func TestPollSharedBySubscribers(t *testing.T) {
 	poll `+up.URL+` 200ms
 }`)
 	const subscribers = 100
-	streams := make([]*stream, subscribers)
+	streams := make([]*ssetest.Stream, subscribers)
 	for i := range streams {
 		streams[i] = openStream(t, "/events")
 	}

@@ -9,6 +9,8 @@ import (
 	"path/filepath"
 	"testing"
 	"time"
+
+	"github.com/ssefeed/caddy-ssefeed/internal/ssetest"
 )
 
 // The process under test has its own ports, so that it never meets the
@@ -51,7 +53,7 @@ func TestStopEndsStreamsAndExits(t *testing.T) {
 	caddy := startProcess(t, t.TempDir(), bin, "run", "--config", config)
 	waitServing(t, stopSite+"/", caddy)
 
-	s := openStreamURL(t, stopSite+"/events")
+	s := ssetest.Open(t, stopSite+"/events")
 	up.WaitConnected(t, 1)
 	sendAndExpect(t, up, []string{"before-stop"}, s)
 

@@ -2,7 +2,6 @@ package ssefeed_test
 
 import (
 	"fmt"
-	"net"
 	"net/http"
 	"net/url"
 	"slices"
@@ -49,7 +48,7 @@ func idFeed(up *ndjsonUpstream, path string, options ...string) string {
 
 // expectIDs reads len(want) events and fails unless they carry the ids in
 // want, in order.
-func expectIDs(t *testing.T, s *stream, want ...string) {
+func expectIDs(t *testing.T, s *ssetest.Stream, want ...string) {
 	t.Helper()
 	for i, ev := range s.NextEvents(t, len(want)) {
 		if ev.LastEventID != want[i] || !ev.HasIDField {
@@ -60,7 +59,7 @@ func expectIDs(t *testing.T, s *stream, want ...string) {
 
 // sendAndExpect sends lines with the given ids one at a time and waits for
 // each one's event on every stream before sending the next.
-func sendAndExpect(t *testing.T, up *ndjsonUpstream, ids []string, streams ...*stream) {
+func sendAndExpect(t *testing.T, up *ndjsonUpstream, ids []string, streams ...*ssetest.Stream) {
 	t.Helper()
 	for _, id := range ids {
 		up.Send(line(id, "text of "+id))
@@ -68,18 +67,6 @@ func sendAndExpect(t *testing.T, up *ndjsonUpstream, ids []string, streams ...*s
 			expectIDs(t, s, id)
 		}
 	}
-}
-
-// closedURL returns a loopback URL on which nothing listens.
-func closedURL(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-	return "http://" + addr + "/down"
 }
 
 // expectStreamHeaders fails unless resp carries the event-stream headers.
@@ -110,7 +97,7 @@ func TestHeadersArriveBeforeAnyEvent(t *testing.T) {
 		sendAndExpect(t, up, []string{"q1"}, s)
 	})
 	t.Run("upstream down", func(t *testing.T) {
-		startCaddy(t, "sse_feed /events {\n\ttail "+closedURL(t)+"\n\theartbeat 200ms\n}")
+		startCaddy(t, "sse_feed /events {\n\ttail "+ssetest.ClosedURL(t)+"\n\theartbeat 200ms\n}")
 		s := openStream(t, "/events")
 		expectStreamHeaders(t, s.Response)
 		// The stream lives on: heartbeats keep coming while the upstream
@@ -253,7 +240,7 @@ func TestResetsOnAnUnknownID(t *testing.T) {
 func TestManySubscribersShareOneUpstreamConnection(t *testing.T) {
 	up := newNDJSONUpstream(t)
 	startCaddy(t, idFeed(up, "/events"))
-	streams := make([]*stream, 50)
+	streams := make([]*ssetest.Stream, 50)
 	for i := range streams {
 		streams[i] = openStream(t, "/events")
 	}

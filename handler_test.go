@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -23,26 +22,13 @@ import (
 	"github.com/ssefeed/caddy-ssefeed/internal/ssetest"
 )
 
-// closedURL returns a URL on a local port that nothing listens on, so that
-// a feed's reader fails to connect and only the test publishes to the feed.
-func closedURL(t testing.TB) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-	return "http://" + addr + "/stream"
-}
-
 // provision provisions h, a tail feed of its own named after the test with
 // ids at /id and data at /d unless set, and cleans it up when the test
 // ends.
 func provision(t testing.TB, h *Handler) {
 	t.Helper()
 	if h.Tail == "" {
-		h.Tail = closedURL(t)
+		h.Tail = ssetest.ClosedURL(t)
 	}
 	if h.ID == "" {
 		h.ID = "/id"
@@ -93,75 +79,11 @@ func serve(t *testing.T, h *Handler) *httptest.Server {
 	return srv
 }
 
-// subscriber is one client's stream, read incrementally.
-type subscriber struct {
-	resp   *http.Response
-	events chan ssetest.Event
-	err    error // set when events is closed
-}
-
-// subscribe GETs rawURL with the given header (name, value pairs) and reads
-// its events until the test ends. The response headers must come within 5s,
-// whether or not the feed has any event.
-func subscribe(t *testing.T, rawURL string, header ...string) *subscriber {
-	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, rawURL, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for i := 0; i+1 < len(header); i += 2 {
-		req.Header.Set(header[i], header[i+1])
-	}
-	headerTimeout := time.AfterFunc(5*time.Second, cancel)
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil || !headerTimeout.Stop() {
-		cancel()
-		t.Fatalf("GET %s: no response headers within 5s: %v", rawURL, err)
-	}
-	s := &subscriber{resp: resp, events: make(chan ssetest.Event, 1024)}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		r := ssetest.NewReader(resp.Body)
-		for {
-			ev, err := r.NextEvent()
-			if err != nil {
-				s.err = err
-				close(s.events)
-				return
-			}
-			s.events <- ev
-		}
-	}()
-	t.Cleanup(func() {
-		cancel()
-		resp.Body.Close()
-		<-done
-	})
-	return s
-}
-
-// next returns the next event, failing the test if none comes within 5s.
-func (s *subscriber) next(t *testing.T) ssetest.Event {
-	t.Helper()
-	select {
-	case ev, ok := <-s.events:
-		if !ok {
-			t.Fatalf("stream ended: %v", s.err)
-		}
-		return ev
-	case <-time.After(5 * time.Second):
-		t.Fatal("no event within 5s")
-	}
-	return ssetest.Event{}
-}
-
 // expectIDs reads events and fails unless their ids are want, in order.
-func (s *subscriber) expectIDs(t *testing.T, want ...string) {
+func expectIDs(t *testing.T, s *ssetest.Stream, want ...string) {
 	t.Helper()
 	for _, id := range want {
-		ev := s.next(t)
+		ev := s.NextEvent(t)
 		if ev.LastEventID != id || !ev.HasIDField || ev.Data != "data of "+id {
 			t.Fatalf("event %#v, want id %q", ev, id)
 		}
@@ -172,21 +94,21 @@ func TestServeHTTPHeadersBeforeAnyEvent(t *testing.T) {
 	h := &Handler{Heartbeat: -1}
 	provision(t, h)
 	srv := serve(t, h)
-	s := subscribe(t, srv.URL) // fails unless the headers come without an event
+	s := ssetest.Open(t, srv.URL) // fails unless the headers come without an event
 	for name, want := range map[string]string{
 		"Content-Type":      "text/event-stream",
 		"Cache-Control":     "no-cache",
 		"X-Accel-Buffering": "no",
 	} {
-		if got := s.resp.Header.Get(name); got != want {
+		if got := s.Response.Header.Get(name); got != want {
 			t.Errorf("%s = %q, want %q", name, got, want)
 		}
 	}
-	if s.resp.StatusCode != http.StatusOK || s.resp.ContentLength != -1 {
-		t.Errorf("status %d, content length %d; want 200 and a stream", s.resp.StatusCode, s.resp.ContentLength)
+	if s.Response.StatusCode != http.StatusOK || s.Response.ContentLength != -1 {
+		t.Errorf("status %d, content length %d; want 200 and a stream", s.Response.StatusCode, s.Response.ContentLength)
 	}
 	publishIDs(h, "1")
-	s.expectIDs(t, "1")
+	expectIDs(t, s, "1")
 }
 
 func TestServeHTTPMethodNotAllowed(t *testing.T) {
@@ -221,10 +143,10 @@ func TestServeHTTPResumes(t *testing.T) {
 			provision(t, h)
 			srv := serve(t, h)
 			publishIDs(h, "1", "2", "3", "4")
-			s := subscribe(t, srv.URL+tc.query, tc.header...)
-			s.expectIDs(t, "3", "4")
+			s := ssetest.Open(t, srv.URL+tc.query, tc.header...)
+			expectIDs(t, s, "3", "4")
 			publishIDs(h, "5")
-			s.expectIDs(t, "5")
+			expectIDs(t, s, "5")
 		})
 	}
 }
@@ -242,9 +164,9 @@ func TestServeHTTPResumeHandOverHasNoGapOrDuplicate(t *testing.T) {
 			publishIDs(h, strconv.Itoa(i))
 		}
 	}()
-	s := subscribe(t, srv.URL, "Last-Event-ID", "2")
+	s := ssetest.Open(t, srv.URL, "Last-Event-ID", "2")
 	for i := 3; i <= last; i++ {
-		s.expectIDs(t, strconv.Itoa(i))
+		expectIDs(t, s, strconv.Itoa(i))
 	}
 	<-published
 }
@@ -256,17 +178,17 @@ func TestServeHTTPUnknownIDGetsResetThenRetained(t *testing.T) {
 			provision(t, h)
 			srv := serve(t, h)
 			publishIDs(h, "a", "b")
-			s := subscribe(t, srv.URL, "Last-Event-ID", id)
-			reset := s.next(t)
+			s := ssetest.Open(t, srv.URL, "Last-Event-ID", id)
+			reset := s.NextEvent(t)
 			var data struct {
 				LastEventID string `json:"last_event_id"`
 			}
 			if reset.Type != "start_over" || reset.HasIDField || json.Unmarshal([]byte(reset.Data), &data) != nil || data.LastEventID != id {
 				t.Fatalf("first event %#v, want the reset event naming %q", reset, id)
 			}
-			s.expectIDs(t, "a", "b")
+			expectIDs(t, s, "a", "b")
 			publishIDs(h, "c")
-			s.expectIDs(t, "c")
+			expectIDs(t, s, "c")
 		})
 	}
 }
@@ -289,8 +211,8 @@ func TestServeHTTPIDFromAnEarlierFeedIsUnknown(t *testing.T) {
 	if h.feed == earlier.feed || h.feed.LastID() == oldID {
 		t.Fatalf("the new feed's ids %q repeat the earlier feed's %q", h.feed.LastID(), oldID)
 	}
-	s := subscribe(t, serve(t, h).URL, "Last-Event-ID", oldID)
-	if reset := s.next(t); reset.Type != "reset" {
+	s := ssetest.Open(t, serve(t, h).URL, "Last-Event-ID", oldID)
+	if reset := s.NextEvent(t); reset.Type != "reset" {
 		t.Fatalf("first event %#v, want the reset event", reset)
 	}
 }
@@ -299,23 +221,23 @@ func TestServeHTTPResetWithNothingRetained(t *testing.T) {
 	h := &Handler{Heartbeat: -1}
 	provision(t, h)
 	srv := serve(t, h)
-	s := subscribe(t, srv.URL+"?last_event_id=old")
-	if reset := s.next(t); reset.Type != "reset" || reset.Data != `{"last_event_id":"old"}` {
+	s := ssetest.Open(t, srv.URL+"?last_event_id=old")
+	if reset := s.NextEvent(t); reset.Type != "reset" || reset.Data != `{"last_event_id":"old"}` {
 		t.Fatalf("first event %#v, want the reset event", reset)
 	}
 	publishIDs(h, "x")
-	s.expectIDs(t, "x")
+	expectIDs(t, s, "x")
 }
 
 func TestServeHTTPNeverWritesInvalidIDs(t *testing.T) {
 	h := &Handler{Heartbeat: -1}
 	provision(t, h)
 	srv := serve(t, h)
-	s := subscribe(t, srv.URL)
+	s := ssetest.Open(t, srv.URL)
 	for _, id := range []string{"a\rb", "a\nb", "a\x00b", strings.Repeat("x", 129), "\xff", "ok"} {
 		t.Run(fmt.Sprintf("%q", id[:min(len(id), 8)]), func(t *testing.T) {
 			publishIDs(h, id)
-			ev := s.next(t)
+			ev := s.NextEvent(t)
 			switch {
 			case ev.Data != normalisedData("data of "+id):
 				t.Fatalf("event %#v is not the one published", ev)

@@ -10,6 +10,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/ssefeed/caddy-ssefeed/internal/ssetest"
 )
 
 // pollUpstream serves a document that the test changes, and records the
@@ -223,7 +225,7 @@ func TestPollHugeBody(t *testing.T) {
 }
 
 func TestPollRefusedConnection(t *testing.T) {
-	p := newPoller(refusedURL(t))
+	p := newPoller(ssetest.ClosedURL(t))
 	if err := p.once(); err == nil {
 		t.Fatal("poll succeeded")
 	}

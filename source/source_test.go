@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
-	"net"
 	"net/http"
 	"net/url"
 	"slices"
@@ -122,18 +121,6 @@ func testConfig(url string, obs Observer) Config {
 		Logger:   zap.NewNop(),
 		Observer: obs,
 	}
-}
-
-// refusedURL returns a loopback URL on which nothing listens.
-func refusedURL(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-	return "http://" + addr + "/"
 }
 
 // readLines reads r to its end with a LineReader and returns the lines and
