@@ -379,10 +379,10 @@ const basicAuthSnippet = `basic_auth /events {
 }
 `
 
-func TestBasicAuthInFront(t *testing.T) {
-	up := newNDJSONUpstream(t)
-	startCaddy(t, basicAuthSnippet+tailSite(up.URL, ""))
-
+// expectUnauthorized fails unless a GET of /events without credentials is
+// answered 401 and starts no upstream reader.
+func expectUnauthorized(t *testing.T, up *ndjsonUpstream) {
+	t.Helper()
 	resp, err := http.Get(siteURL + "/events")
 	if err != nil {
 		t.Fatal(err)
@@ -394,6 +394,13 @@ func TestBasicAuthInFront(t *testing.T) {
 	if len(up.Requests()) != 0 {
 		t.Fatal("an unauthorized request started the feed")
 	}
+}
+
+func TestBasicAuthInFront(t *testing.T) {
+	up := newNDJSONUpstream(t)
+	startCaddy(t, basicAuthSnippet+tailSite(up.URL, ""))
+
+	expectUnauthorized(t, up)
 
 	s := ssetest.Open(t, "http://alice:secret@localhost:9080/events")
 	if s.Response.StatusCode != http.StatusOK {
@@ -422,17 +429,7 @@ func TestForwardAuthInFront(t *testing.T) {
 	up := newNDJSONUpstream(t)
 	startCaddy(t, fmt.Sprintf(forwardAuthSnippet, auth.Listener.Addr())+tailSite(up.URL, ""))
 
-	resp, err := http.Get(siteURL + "/events")
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusUnauthorized {
-		t.Fatalf("without a session: status %d, want 401", resp.StatusCode)
-	}
-	if len(up.Requests()) != 0 {
-		t.Fatal("an unauthorized request started the feed")
-	}
+	expectUnauthorized(t, up)
 
 	s := openStream(t, "/events", "Cookie", "session=ok")
 	if s.Response.StatusCode != http.StatusOK {
