@@ -45,12 +45,14 @@ const (
 // reader and one replay log, kept across config reloads.
 type Handler struct {
 	// Poll is the URL of a JSON document to fetch every interval. It may
-	// hold Caddy placeholders and {sse_feed.last_id}.
+	// hold Caddy placeholders and {sse_feed.last_id}. Default: none; exactly
+	// one of poll and tail is required.
 	Poll string `json:"poll,omitempty"`
 	// Interval is the time between polls. Default: 2s.
 	Interval caddy.Duration `json:"interval,omitempty"`
 	// Tail is the URL of an NDJSON stream to read line by line, reconnecting
 	// when it ends. It may hold Caddy placeholders and {sse_feed.last_id}.
+	// Default: none; exactly one of poll and tail is required.
 	Tail string `json:"tail,omitempty"`
 
 	// Items is a JSON Pointer to the array whose elements are events. Without
