@@ -597,12 +597,29 @@ func TestFaultDeliveryExactlyOnce(t *testing.T) {
 		}
 	})
 
+	// A probe certain to come back after its id has left the log: it takes
+	// one event halfway through, after the changed reload, and returns with
+	// it once every subscriber has caught up, hundreds of events later.
+	var probeID string
+	faultsDone.Go(func() {
+		sleepCtx(ctx, duration/2)
+		resp, err := getStream(ctx, client, "/events", "")
+		if err != nil {
+			return
+		}
+		defer resp.Body.Close()
+		if ev, err := ssetest.NewReader(resp.Body).NextEvent(); err == nil {
+			probeID = ev.LastEventID
+		}
+	})
+
 	<-ctx.Done()
 	faultsDone.Wait()
 	up.CutWithin(0)
 	target = up.Produced() + 10
 	close(targetSet)
 	wg.Wait()
+	expectEvictionReset(t, client, probeID, target)
 
 	var total faultStats
 	for _, s := range subscribers {
@@ -641,11 +658,38 @@ func TestFaultDeliveryExactlyOnce(t *testing.T) {
 	if len(reloads.reloads) != 3 {
 		t.Errorf("%d reloads, want 3", len(reloads.reloads))
 	}
-	if total.resets == 0 || total.feedResets == 0 {
-		t.Errorf("the reset paths were not exercised: %d resets after eviction, %d across the changed feed", total.resets, total.feedResets)
+	if total.feedResets == 0 {
+		t.Error("no subscriber came back across the changed feed")
 	}
 	if refused == 0 || cuts == 0 {
 		t.Errorf("the upstream faults were not exercised: %d refused, %d cut", refused, cuts)
+	}
+}
+
+// expectEvictionReset resumes from probeID, which must be more than the
+// replay window older than the feed's newest id, target, and expects the
+// reset event and then the oldest retained event, newer than probeID.
+func expectEvictionReset(t *testing.T, client *http.Client, probeID string, target int) {
+	t.Helper()
+	probe, err := strconv.Atoi(probeID)
+	if err != nil || target-probe <= faultReplay {
+		t.Fatalf("the probe took id %q, not one more than %d events before %d", probeID, faultReplay, target)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	resp, err := getStream(ctx, client, "/events", probeID)
+	if err != nil {
+		t.Fatalf("the probe could not come back: %v", err)
+	}
+	defer resp.Body.Close()
+	r := ssetest.NewReader(resp.Body)
+	reset, err := r.NextEvent()
+	if err != nil || reset.Type != "reset" || reset.Data != `{"last_event_id":"`+probeID+`"}` {
+		t.Fatalf("back with evicted id %s: first event %+v (%v), want the reset", probeID, reset, err)
+	}
+	next, err := r.NextEvent()
+	if id, _ := strconv.Atoi(next.LastEventID); err != nil || id <= probe+1 {
+		t.Fatalf("after the reset for %s: event %+v (%v), want the oldest retained, newer than %d", probeID, next, err, probe+1)
 	}
 }
 
