@@ -17,6 +17,10 @@ import (
 // so the per-subscriber scratch slice.
 const maxFramesPerWrite = 256
 
+// keptFrames is the largest scratch slice a stream keeps between writes: a
+// burst grows it, and an idle subscriber should not hold that memory.
+const keptFrames = 64
+
 // overCapacityRetry is the base of the jittered `retry:` sent to a
 // subscriber turned away by max_subscribers when no retry is configured.
 const overCapacityRetry = 3 * time.Second
@@ -120,6 +124,9 @@ func (s *stream) run(wait <-chan struct{}, lastID string) {
 			}
 			if len(s.frames) == maxFramesPerWrite {
 				continue
+			}
+			if cap(s.frames) > keptFrames {
+				s.frames = nil
 			}
 		} else if len(s.buf) > 0 && !s.flush() {
 			// A reset event goes out at once, not with the next event.
