@@ -174,13 +174,7 @@ func TestHTTP2OverTLS(t *testing.T) {
 		ForceAttemptHTTP2: true,
 	}
 	t.Cleanup(transport.CloseIdleConnections)
-	s := ssetest.OpenWith(t, &http.Client{Transport: transport}, nil, tlsURL+"/events")
-	if s.Response.ProtoMajor != 2 {
-		t.Fatalf("protocol %s, want HTTP/2", s.Response.Proto)
-	}
-	expectNoConnectionHeaders(t, s.Response)
-	up.WaitConnected(t, 1)
-	expectLive(t, up, "h2-", 3, s)
+	expectLiveOverTLS(t, up, transport, 2)
 }
 
 func TestHTTP3(t *testing.T) {
@@ -189,13 +183,21 @@ func TestHTTP3(t *testing.T) {
 	waitForCertificate(t)
 	transport := &http3.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}
 	t.Cleanup(func() { transport.Close() })
+	expectLiveOverTLS(t, up, transport, 3)
+}
+
+// expectLiveOverTLS opens the TLS site's feed through transport, checks that
+// it speaks HTTP/major without connection-specific headers, and that events
+// arrive live.
+func expectLiveOverTLS(t *testing.T, up *ndjsonUpstream, transport http.RoundTripper, major int) {
+	t.Helper()
 	s := ssetest.OpenWith(t, &http.Client{Transport: transport}, nil, tlsURL+"/events")
-	if s.Response.ProtoMajor != 3 {
-		t.Fatalf("protocol %s, want HTTP/3", s.Response.Proto)
+	if s.Response.ProtoMajor != major {
+		t.Fatalf("protocol %s, want HTTP/%d", s.Response.Proto, major)
 	}
 	expectNoConnectionHeaders(t, s.Response)
 	up.WaitConnected(t, 1)
-	expectLive(t, up, "h3-", 3, s)
+	expectLive(t, up, fmt.Sprintf("h%d-", major), 3, s)
 }
 
 // scrape returns the text of the admin endpoint's /metrics.
