@@ -51,17 +51,17 @@ func (w *discardWriter) Flush() {
 // benchHandler returns a provisioned-like handler of a tail feed whose
 // upstream does not answer; the benchmarks publish to the feed directly.
 func benchHandler(b *testing.B) *Handler {
-	h := &Handler{Tail: "http://127.0.0.1:1/", ID: "/id", Linger: caddy.Duration(time.Hour)}
+	h := &Handler{FeedConfig: FeedConfig{Tail: "http://127.0.0.1:1/", ID: "/id", Linger: caddy.Duration(time.Hour)}}
 	h.applyDefaults()
-	m, err := h.mapping()
+	h.logger = zap.NewNop()
+	group, _ := newStreamGroup()
+	h.streams = group.(*streamGroup)
+	f, err := h.FeedConfig.newFeed(h.logger)
 	if err != nil {
 		b.Fatal(err)
 	}
-	h.logger = zap.NewNop()
-	h.stopping = make(chan struct{})
-	h.stopOnce = new(sync.Once)
-	h.feed = h.newFeed(m)
-	b.Cleanup(func() { _ = h.feed.Destruct() })
+	h.feed = f
+	b.Cleanup(func() { _ = h.feed.Destruct(); _ = group.Destruct() })
 	return h
 }
 
@@ -72,13 +72,13 @@ func BenchmarkStreamWrite(b *testing.B) {
 	h.feed.log.Append(replay.Frame{ID: "1", Bytes: appendEvent(nil, Event{ID: "1", Data: `{"id":"1"}`})})
 	w := &discardWriter{header: make(http.Header)}
 	r, _ := http.NewRequest(http.MethodGet, "/events", nil)
-	s := &stream{h: h, f: h.feed, w: w, rc: http.NewResponseController(w), r: r}
+	s := &stream{h: h, f: h.feed, w: w, rc: http.NewResponseController(w), ctx: r.Context()}
 	s.heartbeat = time.NewTimer(time.Duration(h.Heartbeat))
 	defer s.heartbeat.Stop()
 	b.ReportAllocs()
 	for b.Loop() {
-		s.frames, _, _, _ = s.f.log.Read(0, s.frames[:0], maxFramesPerWrite)
-		if !s.writeFrames() {
+		s.frames, _, _, _ = s.f.read(0, s.frames[:0], maxFramesPerWrite)
+		if !s.send() {
 			b.Fatal("write failed")
 		}
 	}

@@ -21,10 +21,10 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 	}{
 		{"tail only", `sse_feed {
 			tail http://127.0.0.1:9/stream
-		}`, Handler{Tail: "http://127.0.0.1:9/stream"}},
+		}`, Handler{FeedConfig: FeedConfig{Tail: "http://127.0.0.1:9/stream"}}},
 		{"poll with interval", `sse_feed {
 			poll http://127.0.0.1:9/doc 500ms
-		}`, Handler{Poll: "http://127.0.0.1:9/doc", Interval: caddy.Duration(500 * time.Millisecond)}},
+		}`, Handler{FeedConfig: FeedConfig{Poll: "http://127.0.0.1:9/doc", Interval: caddy.Duration(500 * time.Millisecond)}}},
 		{"every option", `sse_feed {
 			poll "http://127.0.0.1:9/items?since={sse_feed.last_id}"
 			items /data/items
@@ -49,30 +49,33 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			name orders
 			linger 1m
 		}`, Handler{
-			Poll: "http://127.0.0.1:9/items?since={sse_feed.last_id}", Items: "/data/items",
-			ID: "/id", Type: "/kind", Event: "update", Data: "/body", Order: "newest_first",
-			Header:  map[string][]string{"Authorization": {"Bearer {env.TOKEN}"}, "X-Multi": {"a", "b"}},
-			Timeout: caddy.Duration(3 * time.Second), MaxBody: 512 << 10,
+			FeedConfig: FeedConfig{
+				Poll: "http://127.0.0.1:9/items?since={sse_feed.last_id}", Items: "/data/items",
+				ID: "/id", Type: "/kind", Event: "update", Data: "/body", Order: "newest_first",
+				Header:  map[string][]string{"Authorization": {"Bearer {env.TOKEN}"}, "X-Multi": {"a", "b"}},
+				Timeout: caddy.Duration(3 * time.Second), MaxBody: 512 << 10,
+				Replay: 50, ReplayMaxAge: caddy.Duration(10 * time.Minute), ReplayBytes: 1 << 20,
+				Name: "orders", Linger: caddy.Duration(time.Minute),
+			},
 			Retry: caddy.Duration(2 * time.Second), Heartbeat: caddy.Duration(30 * time.Second), HeartbeatEvent: "ping",
-			Replay: 50, ReplayMaxAge: caddy.Duration(10 * time.Minute), ReplayBytes: 1 << 20,
-			Initial: &two, ResetEvent: "gone", MaxSubscribers: 100, Name: "orders", Linger: caddy.Duration(time.Minute),
+			Initial: &two, ResetEvent: "gone", MaxSubscribers: 100,
 		}},
 		{"heartbeat off", `sse_feed {
 			tail http://127.0.0.1:9/s
 			heartbeat off
-		}`, Handler{Tail: "http://127.0.0.1:9/s", Heartbeat: -1}},
+		}`, Handler{FeedConfig: FeedConfig{Tail: "http://127.0.0.1:9/s"}, Heartbeat: -1}},
 		{"oldest first and initial zero", `sse_feed {
 			poll http://127.0.0.1:9/d
 			items ""
 			order oldest_first
 			initial 0
 			replay 1
-		}`, Handler{Poll: "http://127.0.0.1:9/d", Order: "oldest_first", Initial: &zero, Replay: 1}},
+		}`, Handler{FeedConfig: FeedConfig{Poll: "http://127.0.0.1:9/d", Order: "oldest_first", Replay: 1}, Initial: &zero}},
 		{"pointer escapes", `sse_feed {
 			tail http://127.0.0.1:9/s
 			id /a~1b/m~0n
 			data /
-		}`, Handler{Tail: "http://127.0.0.1:9/s", ID: "/a~1b/m~0n", Data: "/"}},
+		}`, Handler{FeedConfig: FeedConfig{Tail: "http://127.0.0.1:9/s", ID: "/a~1b/m~0n", Data: "/"}}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var h Handler

@@ -3,6 +3,7 @@ package ssefeed
 import (
 	"context"
 	"encoding/json"
+	"math"
 	"strconv"
 	"sync"
 	"time"
@@ -24,6 +25,19 @@ type reader interface {
 	Run(ctx context.Context, sink source.Sink)
 }
 
+// eventLog is what a feed needs of its replay log. *replay.Log is the
+// local one; a cluster's log mirrors a shared one.
+type eventLog interface {
+	Append(frames ...replay.Frame)
+	Read(cursor uint64, dst [][]byte, max int) ([][]byte, uint64, <-chan struct{}, error)
+	After(id string) (cursor uint64, ok bool)
+	Tail(end uint64, n int) uint64
+	Next() uint64
+	HasKey(key string) bool
+	Expire()
+	Close()
+}
+
 // feedKind tells how upstream values become elements.
 type feedKind int
 
@@ -36,23 +50,28 @@ const (
 	tailFeed
 )
 
-// feed is one upstream reader, its replay log and its subscribers.
-type feed struct {
-	name    string
+// feedParts are what a feed is built from.
+type feedParts struct {
 	kind    feedKind
 	source  reader
 	mapping mapping
-	log     *replay.Log
+	log     eventLog
 	linger  time.Duration
-	logger  *zap.Logger
-	metrics *feedMetrics
+	// readyWait bounds how long a restarted document feed keeps new
+	// subscribers waiting for a fresh document before they get the
+	// retained one. Zero waits without bound.
+	readyWait time.Duration
+	metrics   *feedMetrics
+	logger    *zap.Logger
+}
+
+// feed is one upstream reader, its replay log and its subscribers.
+type feed struct {
+	feedParts
 
 	// idPrefix starts every generated id. It is the feed's creation time,
 	// so that ids from an earlier process are never mistaken for ours.
 	idPrefix string
-
-	// done is closed when the feed is destructed.
-	done chan struct{}
 
 	mu          sync.Mutex
 	subscribers int
@@ -60,9 +79,11 @@ type feed struct {
 	readerDone  chan struct{}      // closed when the last reader started has returned
 	lingerGen   int                // invalidates linger timers that fired late
 	closed      bool
-	// ready is closed once the reader has polled successfully or, for a
-	// tail, at once. Subscribers wait for it, so that the first poll after
-	// an item feed starts is a baseline and not news.
+	// ready is closed once the reader has read its upstream since it last
+	// started: at once for a tail, after the first poll otherwise.
+	// Subscribers that need the upstream's current state wait for it, so
+	// that the first poll after an item feed starts is a baseline and not
+	// news, and a restarted document feed hands out a fresh document.
 	ready chan struct{}
 	// readyAt is the log's end when ready was closed: subscribers that
 	// waited take their place relative to it, not to when they woke.
@@ -75,30 +96,158 @@ type feed struct {
 	lastPoll  map[string]struct{} // keys of the last polled array
 }
 
-func newFeed(name string, kind feedKind, src reader, m mapping, limits replay.Limits, linger time.Duration, logger *zap.Logger) *feed {
+func newFeed(parts feedParts) *feed {
 	f := &feed{
-		name:     name,
-		kind:     kind,
-		source:   src,
-		mapping:  m,
-		log:      replay.New(limits),
-		linger:   linger,
-		logger:   logger,
-		metrics:  newFeedMetrics(name),
-		idPrefix: strconv.FormatInt(time.Now().UnixNano(), 36) + "-",
-		ready:    make(chan struct{}),
-		done:     make(chan struct{}),
+		feedParts: parts,
+		idPrefix:  strconv.FormatInt(time.Now().UnixNano(), 36) + "-",
+		ready:     make(chan struct{}),
 	}
-	if kind == tailFeed {
+	if f.kind == tailFeed {
 		close(f.ready)
 	}
 	return f
+}
+
+// admission is a subscriber's place in a feed, taken as it arrives.
+type admission struct {
+	// end is the log's end at arrival, when the feed was ready then.
+	end uint64
+	// ready is closed when the feed has read its upstream; it is nil when
+	// the feed was ready at arrival.
+	ready <-chan struct{}
+}
+
+// position is where a subscriber starts reading the feed's log.
+type position struct {
+	cursor uint64
+	// reset tells that the subscriber's last event id is unknown, so it
+	// is owed a reset event first.
+	reset bool
+}
+
+// subscribe admits a subscriber and starts the reader if none runs. It
+// takes the subscriber's place at the log's end before a reader can
+// publish, so that nothing published after the subscriber arrived is
+// missed. It returns false when the feed is closed or already has limit
+// subscribers (a limit of 0 means none).
+func (f *feed) subscribe(limit int) (admission, bool) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.closed || limit > 0 && f.subscribers >= limit {
+		return admission{}, false
+	}
+	f.subscribers++
+	f.metrics.subscribers.Inc()
+	f.lingerGen++
+	if f.stopReader == nil {
+		f.startReader()
+	}
+	select {
+	case <-f.ready:
+		return admission{end: f.log.Next()}, true
+	default:
+		return admission{ready: f.ready}, true
+	}
+}
+
+// startReader starts the source. A poll feed takes a new baseline: until
+// its first poll, new subscribers wait. f.mu must be held.
+func (f *feed) startReader() {
+	if f.kind != tailFeed {
+		select {
+		case <-f.ready:
+			f.ready = make(chan struct{})
+		default:
+		}
+		if f.kind == documentFeed && f.readyWait > 0 {
+			ready := f.ready
+			time.AfterFunc(f.readyWait, func() { f.markReadyIf(ready) })
+		}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	f.stopReader = cancel
+	f.logger.Info("feed started")
+	// A reader stopped a moment ago may still be returning; the new one
+	// waits for it, so that one source never runs twice at once.
+	previous, done := f.readerDone, make(chan struct{})
+	f.readerDone = done
+	go func() {
+		defer close(done)
+		if previous != nil {
+			<-previous
+		}
+		f.source.Run(ctx, f)
+	}()
+}
+
+// join returns where an admitted subscriber that brings lastID (or "")
+// starts, and counts the resumption. A known id resumes right after it at
+// once, whatever the upstream does. An unknown one owes a reset, then
+// every retained event of an item or tail feed, or the latest document.
+// No id gets the initial count of newest events. When the position
+// depends on the upstream's current state, join returns a channel to wait
+// for instead; call it again once that is closed.
+func (f *feed) join(a admission, lastID string, initial int) (position, <-chan struct{}) {
+	f.log.Expire()
+	if lastID != "" {
+		if cursor, ok := f.log.After(lastID); ok {
+			f.metrics.resumeHit.Inc()
+			return position{cursor: cursor}, nil
+		}
+		if f.kind != documentFeed {
+			f.metrics.resumeReset.Inc()
+			f.logger.Debug("unknown last event id; sending reset", zap.Int("id_length", len(lastID)))
+			return position{cursor: f.log.Tail(f.log.Next(), math.MaxInt), reset: true}, nil
+		}
+	}
+	end := a.end
+	if a.ready != nil {
+		select {
+		case <-a.ready:
+			end = f.readyEnd()
+		default:
+			return position{}, a.ready
+		}
+	}
+	if lastID == "" {
+		return position{cursor: f.log.Tail(end, initial)}, nil
+	}
+	f.metrics.resumeReset.Inc()
+	f.logger.Debug("unknown last event id; sending reset", zap.Int("id_length", len(lastID)))
+	return position{cursor: f.log.Tail(end, 1), reset: true}, nil
+}
+
+// read appends the frames after cursor to dst, at most max, as
+// replay.Log.Read does.
+func (f *feed) read(cursor uint64, dst [][]byte, max int) ([][]byte, uint64, <-chan struct{}, error) {
+	return f.log.Read(cursor, dst, max)
+}
+
+// oldest returns a cursor at the oldest retained event.
+func (f *feed) oldest() uint64 {
+	return f.log.Tail(f.log.Next(), math.MaxInt)
 }
 
 // markReady closes the ready channel if it is open.
 func (f *feed) markReady() {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.closeReady()
+}
+
+// markReadyIf closes ready if it is still the feed's: the fallback of a
+// document feed whose first poll since it started takes longer than
+// readyWait.
+func (f *feed) markReadyIf(ready chan struct{}) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if ready == f.ready {
+		f.closeReady()
+	}
+}
+
+// closeReady closes ready if it is open. f.mu must be held.
+func (f *feed) closeReady() {
 	select {
 	case <-f.ready:
 	default:
@@ -112,55 +261,6 @@ func (f *feed) readyEnd() uint64 {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return f.readyAt
-}
-
-// subscribe counts a new subscriber and starts the reader if none runs.
-// When the feed is ready, it calls position first, before a reader can
-// publish, so that the subscriber takes its place in the log at its arrival
-// and returns a nil channel. Otherwise it returns a channel closed when the
-// subscriber may take its place: after the first poll. It returns false
-// when the feed is closed or already has limit subscribers (a limit of 0
-// means none).
-func (f *feed) subscribe(limit int, position func()) (wait <-chan struct{}, ok bool) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	if f.closed || limit > 0 && f.subscribers >= limit {
-		return nil, false
-	}
-	f.subscribers++
-	f.metrics.subscribers.Inc()
-	f.lingerGen++
-	if f.stopReader == nil && f.kind == itemFeed {
-		select {
-		case <-f.ready:
-			f.ready = make(chan struct{}) // a new baseline
-		default:
-		}
-	}
-	wait = f.ready
-	select {
-	case <-f.ready:
-		position()
-		wait = nil
-	default:
-	}
-	if f.stopReader == nil {
-		ctx, cancel := context.WithCancel(context.Background())
-		f.stopReader = cancel
-		f.logger.Info("feed started")
-		// A reader stopped a moment ago may still be returning; the new one
-		// waits for it, so that one source never runs twice at once.
-		previous, done := f.readerDone, make(chan struct{})
-		f.readerDone = done
-		go func() {
-			defer close(done)
-			if previous != nil {
-				<-previous
-			}
-			f.source.Run(ctx, f)
-		}()
-	}
-	return wait, true
 }
 
 // unsubscribe counts a subscriber gone; the last one starts the linger,
@@ -202,7 +302,7 @@ func (f *feed) Destruct() error {
 		f.logger.Info("feed stopped: config unloaded")
 	}
 	f.log.Close()
-	close(f.done)
+	f.metrics.release()
 	return nil
 }
 
@@ -213,9 +313,9 @@ func (f *feed) LastID() string {
 	return f.lastID
 }
 
-// Publish implements source.Sink: it maps the values to events, skips
-// elements seen before, encodes each event once and appends them all to
-// the log in one step.
+// Publish implements source.Sink: it turns the values into frames as the
+// feed's kind says, and appends them all to the log in one step. Any
+// publish, even of nothing, tells that the upstream answered.
 func (f *feed) Publish(values []json.RawMessage) {
 	f.publishMu.Lock()
 	defer f.publishMu.Unlock()
@@ -223,60 +323,14 @@ func (f *feed) Publish(values []json.RawMessage) {
 	if len(values) == 0 {
 		return
 	}
-
-	elems := values
-	if f.kind == itemFeed {
-		var err error
-		if elems, err = f.mapping.elements(values[0]); err != nil {
-			f.metrics.UpstreamError("mapping")
-			f.logger.Warn("skipped a document", zap.Error(err))
-			return
-		}
-	}
-	var thisPoll map[string]struct{}
-	if f.kind == itemFeed {
-		thisPoll = make(map[string]struct{}, len(elems))
-	}
-	batchKeys := make(map[string]struct{})
-	frames := make([]replay.Frame, 0, len(elems))
-	for _, elem := range elems {
-		ev, key, err := f.mapping.toEvent(elem, f.kind == itemFeed)
-		if err != nil {
-			f.metrics.UpstreamError("mapping")
-			f.logger.Warn("skipped an element", zap.Error(err))
-			continue
-		}
-		if f.kind == documentFeed {
-			key = ""
-		}
-		if key != "" {
-			if thisPoll != nil {
-				thisPoll[key] = struct{}{}
-			}
-			_, inBatch := batchKeys[key]
-			_, inLastPoll := f.lastPoll[key]
-			if inBatch || inLastPoll || f.log.HasKey(key) {
-				continue
-			}
-			batchKeys[key] = struct{}{}
-		}
-		if ev.ID != "" && !validID(ev.ID) {
-			f.logger.Warn("upstream id cannot be sent back by clients; generating one",
-				zap.Int("length", len(ev.ID)))
-			ev.ID = ""
-		}
-		if ev.ID == "" {
-			f.nextID++
-			ev.ID = f.idPrefix + strconv.FormatUint(f.nextID, 10)
-		}
-		if !validEventType(ev.Type) {
-			f.logger.Warn("upstream event type has a line break or invalid UTF-8; sending it as a message")
-			ev.Type = ""
-		}
-		frames = append(frames, replay.Frame{ID: ev.ID, Key: key, Bytes: appendEvent(nil, ev)})
-	}
-	if thisPoll != nil {
-		f.lastPoll = thisPoll
+	var frames []replay.Frame
+	switch f.kind {
+	case documentFeed:
+		frames = f.documentFrames(values[0])
+	case itemFeed:
+		frames = f.itemFrames(values[0])
+	case tailFeed:
+		frames = f.lineFrames(values)
 	}
 	if len(frames) == 0 {
 		return
@@ -289,8 +343,100 @@ func (f *feed) Publish(values []json.RawMessage) {
 	}
 }
 
+// documentFrames makes the one event of a changed document. A document is
+// never recognised by its id: the source publishes only changes.
+func (f *feed) documentFrames(doc json.RawMessage) []replay.Frame {
+	ev, _, ok := f.toEvent(doc, false)
+	if !ok {
+		return nil
+	}
+	return []replay.Frame{f.frame(ev, "")}
+}
+
+// itemFrames makes an event of each element of the document's array that
+// is neither in the last poll nor in the log, and remembers this poll's
+// elements.
+func (f *feed) itemFrames(doc json.RawMessage) []replay.Frame {
+	elems, err := f.mapping.elements(doc)
+	if err != nil {
+		f.metrics.UpstreamError("mapping")
+		f.logger.Warn("skipped a document", zap.Error(err))
+		return nil
+	}
+	thisPoll := make(map[string]struct{}, len(elems))
+	frames := make([]replay.Frame, 0, len(elems))
+	for _, elem := range elems {
+		ev, key, ok := f.toEvent(elem, true)
+		if !ok {
+			continue
+		}
+		_, inThisPoll := thisPoll[key]
+		_, inLastPoll := f.lastPoll[key]
+		thisPoll[key] = struct{}{}
+		if inThisPoll || inLastPoll || f.log.HasKey(key) {
+			continue
+		}
+		frames = append(frames, f.frame(ev, key))
+	}
+	f.lastPoll = thisPoll
+	return frames
+}
+
+// lineFrames makes an event of each NDJSON line, skipping lines whose id
+// was seen in this batch or is in the log.
+func (f *feed) lineFrames(lines []json.RawMessage) []replay.Frame {
+	batch := make(map[string]struct{})
+	frames := make([]replay.Frame, 0, len(lines))
+	for _, line := range lines {
+		ev, key, ok := f.toEvent(line, false)
+		if !ok {
+			continue
+		}
+		if key != "" {
+			if _, seen := batch[key]; seen || f.log.HasKey(key) {
+				continue
+			}
+			batch[key] = struct{}{}
+		}
+		frames = append(frames, f.frame(ev, key))
+	}
+	return frames
+}
+
+// toEvent maps one element, logging and counting one that does not map.
+func (f *feed) toEvent(elem json.RawMessage, byContent bool) (Event, string, bool) {
+	ev, key, err := f.mapping.toEvent(elem, byContent)
+	if err != nil {
+		f.metrics.UpstreamError("mapping")
+		f.logger.Warn("skipped an element", zap.Error(err))
+		return ev, key, false
+	}
+	return ev, key, true
+}
+
+// frame encodes ev as a log frame recognised by key. An id a client could
+// not send back is replaced by a generated one, and a type that cannot be
+// written is dropped, each with a warning.
+func (f *feed) frame(ev Event, key string) replay.Frame {
+	if ev.ID != "" && !validID(ev.ID) {
+		f.logger.Warn("upstream id cannot be sent back by clients; generating one",
+			zap.Int("length", len(ev.ID)))
+		ev.ID = ""
+	}
+	if ev.ID == "" {
+		f.nextID++
+		ev.ID = f.idPrefix + strconv.FormatUint(f.nextID, 10)
+	}
+	if !validEventType(ev.Type) {
+		f.logger.Warn("upstream event type has a line break or invalid UTF-8; sending it as a message")
+		ev.Type = ""
+	}
+	return replay.Frame{ID: ev.ID, Key: key, Bytes: appendEvent(nil, ev)}
+}
+
 // Interface guards.
 var (
 	_ source.Sink      = (*feed)(nil)
 	_ caddy.Destructor = (*feed)(nil)
+	_ eventLog         = (*replay.Log)(nil)
 )

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/require"
 	"go.uber.org/zap"
 
 	"github.com/ssefeed/caddy-ssefeed/internal/ssetest"
@@ -50,15 +51,30 @@ func (r *stubReader) counts() (starts, ends int, overlap bool) {
 	return r.starts, r.ends, r.overlap
 }
 
-// newTestFeed returns a feed of the given kind, configured as h says, with a
+// newTestFeed returns a feed of the given kind, mapped as c says, with a
 // stub reader and a tiny linger; it is destructed when the test ends.
-func newTestFeed(t *testing.T, kind feedKind, h Handler, limits replay.Limits) *feed {
+func newTestFeed(t *testing.T, kind feedKind, c FeedConfig, limits replay.Limits) *feed {
 	t.Helper()
-	m, err := h.mapping()
+	m, err := c.mapping()
 	if err != nil {
 		t.Fatal(err)
 	}
-	f := newFeed("test", kind, &stubReader{}, m, limits, time.Millisecond, zap.NewNop())
+	return buildTestFeed(t, feedParts{
+		kind: kind, source: &stubReader{}, mapping: m, log: replay.New(limits),
+		linger: time.Millisecond, logger: zap.NewNop(),
+	})
+}
+
+// buildTestFeed builds a feed of parts, with metrics named after the test;
+// it is destructed when the test ends.
+func buildTestFeed(t *testing.T, parts feedParts) *feed {
+	t.Helper()
+	metrics, err := newFeedMetrics(t.Name())
+	if err != nil {
+		t.Fatal(err)
+	}
+	parts.metrics = metrics
+	f := newFeed(parts)
 	t.Cleanup(func() { _ = f.Destruct() })
 	return f
 }
@@ -121,7 +137,7 @@ func expectPublished(t *testing.T, f *feed, cursor *uint64, want ...string) {
 }
 
 func TestItemFeedDedupes(t *testing.T) {
-	f := newTestFeed(t, itemFeed, Handler{Items: "/items", ID: "/id", Data: "/v"}, replay.Limits{Count: 2})
+	f := newTestFeed(t, itemFeed, FeedConfig{Items: "/items", ID: "/id", Data: "/v"}, replay.Limits{Count: 2})
 	var cursor uint64
 	publish(f, `{"items":[{"id":1,"v":"a"},{"id":2,"v":"b"}]}`)
 	expectPublished(t, f, &cursor, "a", "b")
@@ -141,7 +157,7 @@ func TestItemFeedDedupes(t *testing.T) {
 }
 
 func TestItemFeedRecognisesElementsByContent(t *testing.T) {
-	f := newTestFeed(t, itemFeed, Handler{Items: "/items"}, replay.Limits{})
+	f := newTestFeed(t, itemFeed, FeedConfig{Items: "/items"}, replay.Limits{})
 	var cursor uint64
 	publish(f, `{"items":["a",{"b":1}]}`)
 	expectPublished(t, f, &cursor, "a", `{"b":1}`)
@@ -156,7 +172,7 @@ func TestItemFeedRecognisesElementsByContent(t *testing.T) {
 }
 
 func TestItemFeedNewestFirst(t *testing.T) {
-	f := newTestFeed(t, itemFeed, Handler{Items: "/items", ID: "/id", Data: "/id", Order: "newest_first"}, replay.Limits{})
+	f := newTestFeed(t, itemFeed, FeedConfig{Items: "/items", ID: "/id", Data: "/id", Order: "newest_first"}, replay.Limits{})
 	var cursor uint64
 	publish(f, `{"items":[{"id":2},{"id":1}]}`)
 	expectPublished(t, f, &cursor, "1", "2")
@@ -165,7 +181,7 @@ func TestItemFeedNewestFirst(t *testing.T) {
 }
 
 func TestItemFeedSkipsBadDocuments(t *testing.T) {
-	f := newTestFeed(t, itemFeed, Handler{Items: "/items", ID: "/id", Data: "/v"}, replay.Limits{})
+	f := newTestFeed(t, itemFeed, FeedConfig{Items: "/items", ID: "/id", Data: "/v"}, replay.Limits{})
 	var cursor uint64
 	publish(f, `{"items":{"not":"an array"}}`)
 	publish(f, `{"items":[{"id":1},{"id":2,"v":"b"}]}`) // 1 has no data
@@ -173,7 +189,7 @@ func TestItemFeedSkipsBadDocuments(t *testing.T) {
 }
 
 func TestDocumentFeedPublishesEveryDocument(t *testing.T) {
-	f := newTestFeed(t, documentFeed, Handler{ID: "/id"}, replay.Limits{})
+	f := newTestFeed(t, documentFeed, FeedConfig{ID: "/id"}, replay.Limits{})
 	var cursor uint64
 	publish(f, `{"id":1,"v":"a"}`)
 	publish(f, `{"id":1,"v":"b"}`)
@@ -182,7 +198,7 @@ func TestDocumentFeedPublishesEveryDocument(t *testing.T) {
 }
 
 func TestTailFeedDedupesByID(t *testing.T) {
-	f := newTestFeed(t, tailFeed, Handler{ID: "/id", Data: "/v"}, replay.Limits{})
+	f := newTestFeed(t, tailFeed, FeedConfig{ID: "/id", Data: "/v"}, replay.Limits{})
 	var cursor uint64
 	publish(f, `{"id":"x","v":"1"}`, `{"id":"x","v":"2"}`, `{"v":"3"}`, `{"v":"3"}`)
 	expectPublished(t, f, &cursor, "1", "3", "3")
@@ -191,7 +207,7 @@ func TestTailFeedDedupesByID(t *testing.T) {
 }
 
 func TestTailFeedWithoutIDsKeepsRepeats(t *testing.T) {
-	f := newTestFeed(t, tailFeed, Handler{}, replay.Limits{})
+	f := newTestFeed(t, tailFeed, FeedConfig{}, replay.Limits{})
 	var cursor uint64
 	publish(f, `"a"`, `"a"`)
 	publish(f, `"a"`)
@@ -199,7 +215,7 @@ func TestTailFeedWithoutIDsKeepsRepeats(t *testing.T) {
 }
 
 func TestFeedReplacesInvalidIDs(t *testing.T) {
-	f := newTestFeed(t, tailFeed, Handler{ID: "/id"}, replay.Limits{})
+	f := newTestFeed(t, tailFeed, FeedConfig{ID: "/id"}, replay.Limits{})
 	long := strings.Repeat("x", maxIDLength+1)
 	publish(f, `{"id":"ok"}`, `{"id":"a\nb"}`, `{"id":"`+long+`"}`, `{"id":"nul\u0000"}`, `{"id":"cr\r"}`, `{"id":null}`, `{}`)
 	events, _ := eventsFrom(t, f, 0)
@@ -220,9 +236,9 @@ func TestFeedReplacesInvalidIDs(t *testing.T) {
 }
 
 func TestGeneratedIDsUniqueAcrossFeeds(t *testing.T) {
-	first := newTestFeed(t, tailFeed, Handler{}, replay.Limits{})
+	first := newTestFeed(t, tailFeed, FeedConfig{}, replay.Limits{})
 	time.Sleep(time.Millisecond)
-	second := newTestFeed(t, tailFeed, Handler{}, replay.Limits{})
+	second := newTestFeed(t, tailFeed, FeedConfig{}, replay.Limits{})
 	publish(first, `1`, `2`)
 	publish(second, `1`, `2`)
 	for _, id := range []string{first.LastID(), "nope"} {
@@ -236,7 +252,7 @@ func TestGeneratedIDsUniqueAcrossFeeds(t *testing.T) {
 }
 
 func TestLastID(t *testing.T) {
-	f := newTestFeed(t, itemFeed, Handler{Items: "/items", ID: "/id"}, replay.Limits{})
+	f := newTestFeed(t, itemFeed, FeedConfig{Items: "/items", ID: "/id"}, replay.Limits{})
 	if id := f.LastID(); id != "" {
 		t.Fatalf("LastID before any event = %q", id)
 	}
@@ -264,11 +280,11 @@ func isDone(ch <-chan struct{}) bool {
 }
 
 func TestReady(t *testing.T) {
-	if tail := newTestFeed(t, tailFeed, Handler{}, replay.Limits{}); !isDone(tail.ready) {
+	if tail := newTestFeed(t, tailFeed, FeedConfig{}, replay.Limits{}); !isDone(tail.ready) {
 		t.Error("a tail feed is not ready at once")
 	}
 	for _, kind := range []feedKind{documentFeed, itemFeed} {
-		f := newTestFeed(t, kind, Handler{Items: "/items"}, replay.Limits{})
+		f := newTestFeed(t, kind, FeedConfig{Items: "/items"}, replay.Limits{})
 		if isDone(f.ready) {
 			t.Fatalf("kind %d: ready before the first poll", kind)
 		}
@@ -281,11 +297,14 @@ func TestReady(t *testing.T) {
 }
 
 func TestReadyEndIsTheBaselineEnd(t *testing.T) {
-	f := newTestFeed(t, itemFeed, Handler{Items: "/items", ID: "/id"}, replay.Limits{})
-	wait, _ := f.subscribe(0, func() { t.Error("positioned before the first poll") })
+	f := newTestFeed(t, itemFeed, FeedConfig{Items: "/items", ID: "/id"}, replay.Limits{})
+	a, _ := f.subscribe(0)
 	defer f.unsubscribe()
+	if _, wait := f.join(a, "", 0); wait == nil {
+		t.Fatal("positioned before the first poll")
+	}
 	publish(f, `{"items":[{"id":"a"},{"id":"b"}]}`)
-	<-wait
+	<-a.ready
 	publish(f, `{"items":[{"id":"a"},{"id":"b"},{"id":"c"}]}`)
 	// A subscriber that waited and wakes only now still starts after the
 	// baseline, so c is news to it.
@@ -295,9 +314,10 @@ func TestReadyEndIsTheBaselineEnd(t *testing.T) {
 }
 
 func TestItemFeedRestartTakesANewBaseline(t *testing.T) {
-	f := newTestFeed(t, itemFeed, Handler{Items: "/items", ID: "/id"}, replay.Limits{})
+	f := newTestFeed(t, itemFeed, FeedConfig{Items: "/items", ID: "/id"}, replay.Limits{})
 	r := f.source.(*stubReader)
-	ready, _ := f.subscribe(0, func() {})
+	a, _ := f.subscribe(0)
+	ready := a.ready
 	publish(f, `{"items":[{"id":"a"}]}`)
 	if !isDone(ready) {
 		t.Fatal("not ready after the first poll")
@@ -305,9 +325,10 @@ func TestItemFeedRestartTakesANewBaseline(t *testing.T) {
 	f.unsubscribe()
 	waitUntil(t, "the reader stopped after the linger", func() bool { _, e, _ := r.counts(); return e == 1 })
 
-	ready, _ = f.subscribe(0, func() {})
+	a, _ = f.subscribe(0)
+	ready = a.ready
 	defer f.unsubscribe()
-	if isDone(ready) {
+	if ready == nil || isDone(ready) {
 		t.Fatal("a restarted item feed is ready before its new first poll")
 	}
 	f.Publish(nil) // the upstream answered with an unchanged document
@@ -327,21 +348,21 @@ func waitUntil(t *testing.T, what string, cond func() bool) {
 }
 
 func TestSubscribeStartsAndLingerStops(t *testing.T) {
-	f := newTestFeed(t, tailFeed, Handler{}, replay.Limits{})
+	f := newTestFeed(t, tailFeed, FeedConfig{}, replay.Limits{})
 	r := f.source.(*stubReader)
 	runs := func(starts, ends int) func() bool {
 		return func() bool { s, e, _ := r.counts(); return s == starts && e == ends }
 	}
 
 	for range 3 {
-		if _, ok := f.subscribe(0, func() {}); !ok {
+		if _, ok := f.subscribe(0); !ok {
 			t.Fatal("subscribe refused")
 		}
 	}
 	waitUntil(t, "one reader started", runs(1, 0))
 	f.unsubscribe()
 	f.unsubscribe()
-	f.subscribe(0, func() {}) // back to two before the linger ends
+	f.subscribe(0) // back to two before the linger ends
 	f.unsubscribe()
 	time.Sleep(20 * time.Millisecond)
 	if s, e, _ := r.counts(); s != 1 || e != 0 {
@@ -351,9 +372,9 @@ func TestSubscribeStartsAndLingerStops(t *testing.T) {
 	waitUntil(t, "the reader stopped after the linger", runs(1, 1))
 
 	// A new subscriber starts it again; so does a quick leave and return.
-	f.subscribe(0, func() {})
+	f.subscribe(0)
 	f.unsubscribe()
-	f.subscribe(0, func() {})
+	f.subscribe(0)
 	waitUntil(t, "the reader started again", func() bool { s, _, _ := r.counts(); return s >= 2 })
 	f.unsubscribe()
 	waitUntil(t, "every reader stopped", func() bool { s, e, _ := r.counts(); return s == e })
@@ -363,20 +384,20 @@ func TestSubscribeStartsAndLingerStops(t *testing.T) {
 }
 
 func TestMaxSubscribers(t *testing.T) {
-	f := newTestFeed(t, tailFeed, Handler{}, replay.Limits{})
+	f := newTestFeed(t, tailFeed, FeedConfig{}, replay.Limits{})
 	for i := range 2 {
-		if _, ok := f.subscribe(2, func() {}); !ok {
+		if _, ok := f.subscribe(2); !ok {
 			t.Fatalf("subscriber %d refused under the limit", i+1)
 		}
 	}
-	if _, ok := f.subscribe(2, func() {}); ok {
+	if _, ok := f.subscribe(2); ok {
 		t.Fatal("a third subscriber accepted with a limit of 2")
 	}
 	f.unsubscribe()
-	if _, ok := f.subscribe(2, func() {}); !ok {
+	if _, ok := f.subscribe(2); !ok {
 		t.Fatal("a subscriber refused after one left")
 	}
-	if _, ok := f.subscribe(0, func() {}); !ok {
+	if _, ok := f.subscribe(0); !ok {
 		t.Fatal("a limit of 0 refused a subscriber")
 	}
 	f.unsubscribe()
@@ -385,9 +406,9 @@ func TestMaxSubscribers(t *testing.T) {
 }
 
 func TestDestruct(t *testing.T) {
-	f := newTestFeed(t, tailFeed, Handler{}, replay.Limits{})
+	f := newTestFeed(t, tailFeed, FeedConfig{}, replay.Limits{})
 	r := f.source.(*stubReader)
-	f.subscribe(0, func() {})
+	f.subscribe(0)
 	waitUntil(t, "the reader started", func() bool { s, _, _ := r.counts(); return s == 1 })
 	_, _, wake, err := f.log.Read(f.log.Next(), nil, 1)
 	if err != nil {
@@ -396,18 +417,82 @@ func TestDestruct(t *testing.T) {
 	if err := f.Destruct(); err != nil {
 		t.Fatal(err)
 	}
-	if !isDone(f.done) || !isDone(wake) {
-		t.Fatal("Destruct did not close done and wake the log's readers")
+	if !isDone(wake) {
+		t.Fatal("Destruct did not wake the log's readers")
 	}
 	if _, _, _, err := f.log.Read(0, nil, 1); !errors.Is(err, replay.ErrClosed) {
 		t.Errorf("Read after Destruct: %v, want ErrClosed", err)
 	}
 	waitUntil(t, "the reader stopped", func() bool { _, e, _ := r.counts(); return e == 1 })
-	if _, ok := f.subscribe(0, func() {}); ok {
+	if _, ok := f.subscribe(0); ok {
 		t.Error("a destructed feed accepted a subscriber")
 	}
 	f.unsubscribe() // the subscriber still streaming leaves
 	if err := f.Destruct(); err != nil {
 		t.Errorf("second Destruct: %v", err)
 	}
+}
+
+// restartedFeed returns a poll feed of kind that has published doc, run its
+// reader, stopped it after the linger, and started it again for a new
+// subscriber, whose admission it returns.
+func restartedFeed(t *testing.T, kind feedKind, readyWait time.Duration, doc string) (*feed, admission) {
+	t.Helper()
+	c := FeedConfig{ID: "/id"}
+	if kind == itemFeed {
+		c.Items = "/items"
+	}
+	m, err := c.mapping()
+	require.NoError(t, err)
+	f := buildTestFeed(t, feedParts{
+		kind: kind, source: &stubReader{}, mapping: m, log: replay.New(replay.Limits{}),
+		linger: time.Millisecond, readyWait: readyWait, logger: zap.NewNop(),
+	})
+	r := f.source.(*stubReader)
+	f.subscribe(0)
+	publish(f, doc)
+	f.unsubscribe()
+	waitUntil(t, "the reader stopped after the linger", func() bool { _, e, _ := r.counts(); return e == 1 })
+	a, _ := f.subscribe(0)
+	t.Cleanup(f.unsubscribe)
+	return f, a
+}
+
+func TestRestartedDocumentFeedWaitsForAFreshDocument(t *testing.T) {
+	f, a := restartedFeed(t, documentFeed, time.Hour, `{"v":"old"}`)
+	_, wait := f.join(a, "", 1)
+	require.NotNil(t, wait, "a restarted document feed hands out its old document at once")
+	publish(f, `{"v":"new"}`)
+	pos, wait := f.join(a, "", 1)
+	require.Nil(t, wait)
+	events, _ := eventsFrom(t, f, pos.cursor)
+	require.Equal(t, []string{`{"v":"new"}`}, dataOf(events))
+}
+
+func TestRestartedDocumentFeedFallsBackToTheRetainedDocument(t *testing.T) {
+	f, a := restartedFeed(t, documentFeed, 10*time.Millisecond, `{"v":"old"}`)
+	_, wait := f.join(a, "", 1)
+	require.NotNil(t, wait)
+	<-wait // the upstream did not answer within readyWait
+	pos, wait := f.join(a, "", 1)
+	require.Nil(t, wait)
+	events, _ := eventsFrom(t, f, pos.cursor)
+	require.Equal(t, []string{`{"v":"old"}`}, dataOf(events))
+}
+
+func TestResumingWithARetainedIDDoesNotWaitForTheUpstream(t *testing.T) {
+	f, a := restartedFeed(t, itemFeed, 0, `{"items":[{"id":"a"},{"id":"b"},{"id":"c"}]}`)
+	_, wait := f.join(a, "", 0)
+	require.NotNil(t, wait, "news waits for the restart's baseline")
+	pos, wait := f.join(a, "a", 0)
+	require.Nil(t, wait, "a retained id waits for the upstream")
+	require.False(t, pos.reset)
+	events, _ := eventsFrom(t, f, pos.cursor)
+	require.Equal(t, []string{`{"id":"b"}`, `{"id":"c"}`}, dataOf(events))
+	// An unknown id owes a reset and gets every retained event, at once too.
+	pos, wait = f.join(a, "gone", 0)
+	require.Nil(t, wait)
+	require.True(t, pos.reset)
+	events, _ = eventsFrom(t, f, pos.cursor)
+	require.Len(t, events, 3)
 }

@@ -1,10 +1,12 @@
 package ssefeed
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"math/rand/v2"
 	"net/http"
+	"os"
 	"time"
 
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
@@ -25,38 +27,85 @@ const keptFrames = 64
 // subscriber turned away by max_subscribers when no retry is configured.
 const overCapacityRetry = 3 * time.Second
 
+// stallTimeout bounds how long one write and flush to a subscriber may
+// take. A subscriber that stops reading is disconnected after it, so that
+// it holds no frames the log has evicted for longer.
+const stallTimeout = 10 * time.Second
+
 // ServeHTTP serves one subscriber: it writes and flushes the headers at
 // once, resumes from the Last-Event-ID if one came, then writes every event
 // of the feed as it exists until the client leaves, the feed ends or Caddy
-// exits.
+// exits. HEAD gets the stream's headers only.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
-	if r.Method != http.MethodGet {
-		w.Header().Set("Allow", http.MethodGet)
-		return caddyhttp.Error(http.StatusMethodNotAllowed, errors.New("event streams answer GET only"))
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		w.Header().Set("Allow", "GET, HEAD")
+		return caddyhttp.Error(http.StatusMethodNotAllowed, errors.New("event streams answer GET and HEAD only"))
 	}
 	header := w.Header()
 	header.Set("Content-Type", "text/event-stream")
 	header.Set("Cache-Control", "no-cache")
 	header.Set("X-Accel-Buffering", "no")
 	header.Del("Content-Length")
-	rc := http.NewResponseController(w)
-
-	s := &stream{h: h, f: h.feed, w: w, rc: rc, r: r}
-	if h.Retry > 0 {
-		s.buf = appendRetry(s.buf, time.Duration(h.Retry))
+	if r.Method == http.MethodHead {
+		w.WriteHeader(http.StatusOK)
+		return nil
 	}
-	lastID := lastEventID(r)
-	wait, ok := h.feed.subscribe(h.MaxSubscribers, func() { s.cursor = s.start(lastID, h.feed.log.Next()) })
+	rc := http.NewResponseController(w)
+	if r.ContentLength != 0 {
+		// An event stream reads no request body: its headers go out without
+		// waiting for one, and it ends without draining one.
+		_ = rc.EnableFullDuplex()
+		defer func() { _ = rc.SetReadDeadline(time.Now()) }()
+	}
+
+	group := h.streams
+	f, release, err := h.acquire(r)
+	if err != nil {
+		return err
+	}
+	defer release()
+	a, ok := f.subscribe(h.MaxSubscribers)
 	if !ok {
 		w.WriteHeader(http.StatusOK)
 		base := max(time.Duration(h.Retry), overCapacityRetry)
 		_, _ = w.Write(appendRetry(nil, base+rand.N(base)))
 		return nil
 	}
-	defer h.feed.unsubscribe()
+	defer f.unsubscribe()
 	w.WriteHeader(http.StatusOK)
-	s.run(wait, lastID)
+	s := &stream{
+		h:      h,
+		f:      f,
+		w:      w,
+		rc:     rc,
+		remote: r.RemoteAddr,
+		ctx:    r.Context(),
+		end:    group.ctx,
+		// An HTTP/2 write deadline resets the stream when it passes, even
+		// with no write in flight.
+		clearDeadline: r.ProtoMajor == 2,
+	}
+	if h.Retry > 0 {
+		s.buf = appendRetry(s.buf, time.Duration(h.Retry))
+	}
+	// When the handler's streams end, a write blocked on a client that
+	// stopped reading ends at once too. Caddy's writers are not safe for
+	// use from another goroutine; the one they wrap is.
+	inner := http.NewResponseController(innermost(w))
+	defer context.AfterFunc(group.ctx, func() { _ = inner.SetWriteDeadline(time.Now()) })()
+	s.run(a, lastEventID(r))
 	return nil
+}
+
+// innermost returns the ResponseWriter at the bottom of the wrappers.
+func innermost(w http.ResponseWriter) http.ResponseWriter {
+	for {
+		u, ok := w.(interface{ Unwrap() http.ResponseWriter })
+		if !ok {
+			return w
+		}
+		w = u.Unwrap()
+	}
 }
 
 // lastEventID returns the id the client last saw: the Last-Event-ID header,
@@ -75,118 +124,126 @@ func lastEventID(r *http.Request) string {
 
 // stream is one subscriber's connection.
 type stream struct {
-	h  *Handler
-	f  *feed
-	w  http.ResponseWriter
-	rc *http.ResponseController
-	r  *http.Request
+	h      *Handler
+	f      *feed
+	w      http.ResponseWriter
+	rc     *http.ResponseController
+	remote string
+	// ctx is the request's: it ends when the client leaves.
+	ctx context.Context
+	// end ends when the handler's streams must end: its config is gone, or
+	// Caddy exits.
+	end           context.Context
+	clearDeadline bool
 
-	cursor    uint64   // where the stream starts in the feed's log
 	buf       []byte   // bytes of this stream only: retry, reset, heartbeat
 	frames    [][]byte // scratch for the frames of one write
 	heartbeat *time.Timer
 }
 
-// run flushes the headers and, when the feed was not ready at subscription,
-// waits until wait is closed and positions the cursor. Then it writes frames
-// as they are appended until the stream ends.
-func (s *stream) run(wait <-chan struct{}, lastID string) {
+// run flushes the headers, takes the subscriber's position in the feed
+// (waiting for the upstream if the feed says so), then writes frames as
+// they are appended until the stream ends.
+func (s *stream) run(a admission, lastID string) {
 	if s.h.Heartbeat > 0 {
 		s.heartbeat = time.NewTimer(time.Duration(s.h.Heartbeat))
 		defer s.heartbeat.Stop()
 	}
-	if !s.flush() {
+	if !s.send() {
 		return
 	}
+	pos, wait := s.f.join(a, lastID, *s.h.Initial)
 	if wait != nil {
-		if !s.await(wait, s.f.done) {
+		if !s.await(wait) {
 			return
 		}
-		s.cursor = s.start(lastID, s.f.readyEnd())
+		pos, _ = s.f.join(a, lastID, *s.h.Initial)
 	}
-	cursor := s.cursor
+	if pos.reset {
+		s.appendReset(lastID)
+	}
+	cursor := pos.cursor
+	// busy tells that frames were appended while the stream was writing:
+	// a cursor evicted then was evicted because the stream was too slow.
+	busy := false
 	for {
 		var wake <-chan struct{}
 		var err error
-		s.frames, cursor, wake, err = s.f.log.Read(cursor, s.frames[:0], maxFramesPerWrite)
+		s.frames, cursor, wake, err = s.f.read(cursor, s.frames[:0], maxFramesPerWrite)
 		switch {
-		case errors.Is(err, replay.ErrEvicted):
+		case errors.Is(err, replay.ErrEvicted) && busy:
 			s.f.metrics.slowDisconnect.Inc()
 			s.f.logger.Info("disconnected a subscriber that fell behind the replay log",
-				zap.String("remote", s.r.RemoteAddr))
+				zap.String("remote", s.remote))
 			return
+		case errors.Is(err, replay.ErrEvicted):
+			// Evicted before the stream could read it, by a burst larger
+			// than the log: the subscriber is owed a reset, not a
+			// disconnect.
+			s.f.metrics.resumeReset.Inc()
+			s.appendReset(lastID)
+			cursor = s.f.oldest()
+			continue
 		case err != nil:
 			return
 		}
-		if len(s.frames) > 0 {
-			if !s.writeFrames() {
-				return
-			}
-			if len(s.frames) == maxFramesPerWrite {
-				continue
-			}
-			if cap(s.frames) > keptFrames {
-				s.frames = nil
-			}
-		} else if len(s.buf) > 0 && !s.flush() {
-			// A reset event goes out at once, not with the next event.
+		wrote, full := len(s.frames) > 0, len(s.frames) == maxFramesPerWrite
+		if (wrote || len(s.buf) > 0) && !s.send() {
 			return
 		}
-		// The log closes, and so closes wake, when the feed ends: no need
-		// to wait for f.done as well, which every subscriber shares.
-		if !s.await(wake, nil) {
+		if full {
+			busy = true
+			continue
+		}
+		if cap(s.frames) > keptFrames {
+			s.frames = nil
+		}
+		select {
+		case <-wake:
+			busy = wrote
+			continue
+		default:
+			busy = false
+		}
+		// The log closes, and so closes wake, when the feed ends.
+		if !s.await(wake) {
 			return
 		}
 	}
 }
 
+// appendReset adds the reset event for a subscriber whose last event id is
+// unknown.
+func (s *stream) appendReset(lastID string) {
+	data, _ := json.Marshal(map[string]string{"last_event_id": lastID})
+	s.buf = appendEvent(s.buf, Event{Type: s.h.ResetEvent, Data: string(data)})
+}
+
 // await waits until ch is closed, sending heartbeats meanwhile. It reports
 // false when the stream must end instead: the client left, a heartbeat
-// could not be written, done was closed or Caddy is exiting. A nil done is
-// never closed; every case costs each waiting subscriber a lock at every
-// wake-up, so only the cases that can matter are given.
-func (s *stream) await(ch, done <-chan struct{}) bool {
+// could not be written, or the handler's streams end. Every case costs
+// each waiting subscriber a lock at every wake-up, so only the cases that
+// can matter are given.
+func (s *stream) await(ch <-chan struct{}) bool {
 	for {
 		select {
 		case <-ch:
 			return true
 		case <-s.heartbeatC():
-			if !s.sendHeartbeat() {
+			if s.h.HeartbeatEvent != "" {
+				s.buf = appendEvent(s.buf, Event{Type: s.h.HeartbeatEvent})
+			} else {
+				s.buf = appendComment(s.buf, "heartbeat")
+			}
+			if !s.send() {
 				return false
 			}
-		case <-s.r.Context().Done():
+		case <-s.ctx.Done():
 			return false
-		case <-s.h.stopping:
-			return false
-		case <-done:
+		case <-s.end.Done():
 			return false
 		}
 	}
-}
-
-// start returns the cursor where the stream begins, end being the log's end
-// when the subscriber took its place. A known last id resumes right after
-// it. An unknown one gets the reset event, then every retained event of an
-// item feed or the latest document. No last id gets the initial count of
-// newest events.
-func (s *stream) start(lastID string, end uint64) uint64 {
-	log := s.f.log
-	log.Expire()
-	if lastID == "" {
-		return log.Tail(end, *s.h.Initial)
-	}
-	if cursor, ok := log.After(lastID); ok {
-		s.f.metrics.resumeHit.Inc()
-		return cursor
-	}
-	s.f.metrics.resumeReset.Inc()
-	s.f.logger.Debug("unknown last event id; sending reset", zap.Int("id_length", len(lastID)))
-	data, _ := json.Marshal(map[string]string{"last_event_id": lastID})
-	s.buf = appendEvent(s.buf, Event{Type: s.h.ResetEvent, Data: string(data)})
-	if s.f.kind == documentFeed {
-		return log.Tail(end, 1)
-	}
-	return log.Tail(end, s.h.Replay)
 }
 
 // heartbeatC returns the heartbeat timer's channel, or nil when heartbeats
@@ -198,51 +255,27 @@ func (s *stream) heartbeatC() <-chan time.Time {
 	return s.heartbeat.C
 }
 
-// sendHeartbeat writes a heartbeat comment, or event if heartbeat_event is
-// set, and flushes it.
-func (s *stream) sendHeartbeat() bool {
-	if s.h.HeartbeatEvent != "" {
-		s.buf = appendEvent(s.buf, Event{Type: s.h.HeartbeatEvent})
-	} else {
-		s.buf = appendComment(s.buf, "heartbeat")
-	}
-	return s.flush()
-}
-
-// writeFrames writes the gathered frames after anything pending in buf,
-// then flushes once.
-func (s *stream) writeFrames() bool {
-	n := 0
-	for _, frame := range s.frames {
-		if len(s.buf) > 0 {
-			if !s.write(s.buf) {
-				return false
-			}
-			n += len(s.buf)
-			s.buf = s.buf[:0]
-		}
-		if !s.write(frame) {
-			return false
-		}
-		n += len(frame)
-	}
+// send writes what is pending in buf, then the gathered frames, flushes
+// once and restarts the heartbeat timer. It reports whether the client is
+// still there; one that took longer than stallTimeout is not, and is
+// counted as slow.
+func (s *stream) send() bool {
+	_ = s.rc.SetWriteDeadline(time.Now().Add(stallTimeout))
+	n, err := s.write()
 	s.f.metrics.bytes.Add(float64(n))
-	return s.flush()
-}
-
-// flush writes what is pending in buf and flushes the response, then
-// restarts the heartbeat timer. It reports whether the client is still
-// there.
-func (s *stream) flush() bool {
-	if len(s.buf) > 0 {
-		if !s.write(s.buf) {
-			return false
-		}
-		s.f.metrics.bytes.Add(float64(len(s.buf)))
-		s.buf = s.buf[:0]
+	if err == nil {
+		err = s.rc.Flush()
 	}
-	if err := s.rc.Flush(); err != nil {
+	if err != nil {
+		if errors.Is(err, os.ErrDeadlineExceeded) && s.ctx.Err() == nil && s.end.Err() == nil {
+			s.f.metrics.slowDisconnect.Inc()
+			s.f.logger.Info("disconnected a subscriber that stopped reading",
+				zap.String("remote", s.remote), zap.Duration("stalled", stallTimeout))
+		}
 		return false
+	}
+	if s.clearDeadline {
+		_ = s.rc.SetWriteDeadline(time.Time{})
 	}
 	if s.heartbeat != nil {
 		s.heartbeat.Reset(time.Duration(s.h.Heartbeat))
@@ -250,7 +283,26 @@ func (s *stream) flush() bool {
 	return true
 }
 
-func (s *stream) write(b []byte) bool {
-	_, err := s.w.Write(b)
-	return err == nil
+// write writes buf, then the frames, and empties both. It returns the
+// bytes written.
+func (s *stream) write() (int, error) {
+	n := 0
+	if len(s.buf) > 0 {
+		m, err := s.w.Write(s.buf)
+		n += m
+		if err != nil {
+			return n, err
+		}
+		s.buf = s.buf[:0]
+	}
+	for i, frame := range s.frames {
+		m, err := s.w.Write(frame)
+		n += m
+		if err != nil {
+			return n, err
+		}
+		s.frames[i] = nil // hold no frame the log may evict
+	}
+	s.frames = s.frames[:0]
+	return n, nil
 }

@@ -1,23 +1,28 @@
 package ssefeed
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 	"unicode/utf8"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/stretchr/testify/require"
 
 	"github.com/ssefeed/caddy-ssefeed/internal/ssetest"
 )
@@ -25,7 +30,7 @@ import (
 // provision provisions h, a tail feed of its own named after the test with
 // ids at /id and data at /d unless set, and cleans it up when the test
 // ends.
-func provision(t testing.TB, h *Handler) {
+func provision(t testing.TB, h *Handler) (cleanup func()) {
 	t.Helper()
 	if h.Tail == "" {
 		h.Tail = ssetest.ClosedURL(t)
@@ -37,7 +42,19 @@ func provision(t testing.TB, h *Handler) {
 		h.Data = "/d"
 	}
 	h.Name = t.Name()
-	// Warnings, such as of the reader failing to connect, are expected.
+	cleanup, err := provisionErr(t, h)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cleanup
+}
+
+// provisionErr provisions h as it is, in a Caddy context of its own that
+// logs errors only (warnings, such as of a reader failing to connect, are
+// expected). It returns the handler's cleanup, as Caddy runs it when a
+// config is unloaded; it runs when the test ends unless the test ran it.
+func provisionErr(t testing.TB, h *Handler) (cleanup func(), err error) {
+	t.Helper()
 	quiet := &caddy.Logging{Logs: map[string]*caddy.CustomLog{"default": {BaseLog: caddy.BaseLog{Level: "ERROR"}}}}
 	base, err := caddy.ProvisionContext(&caddy.Config{Logging: quiet})
 	if err != nil {
@@ -45,15 +62,19 @@ func provision(t testing.TB, h *Handler) {
 	}
 	ctx, cancel := caddy.NewContext(base)
 	if err := h.Provision(ctx); err != nil {
+		// Caddy cleans up a module whose provisioning failed.
+		_ = h.Cleanup()
 		cancel()
-		t.Fatal(err)
+		return nil, err
 	}
-	t.Cleanup(func() {
+	cleanup = sync.OnceFunc(func() {
 		if err := h.Cleanup(); err != nil {
 			t.Error(err)
 		}
 		cancel()
 	})
+	t.Cleanup(cleanup)
+	return cleanup, nil
 }
 
 // publishIDs hands the feed one element per id, with data "data of <id>", as
@@ -114,17 +135,31 @@ func TestServeHTTPHeadersBeforeAnyEvent(t *testing.T) {
 func TestServeHTTPMethodNotAllowed(t *testing.T) {
 	h := &Handler{}
 	provision(t, h)
-	for _, method := range []string{http.MethodPost, http.MethodHead, http.MethodPut} {
+	for _, method := range []string{http.MethodPost, http.MethodPut, http.MethodDelete} {
 		w := httptest.NewRecorder()
 		err := h.ServeHTTP(w, httptest.NewRequest(method, "/events", nil), nil)
 		var he caddyhttp.HandlerError
 		if !errors.As(err, &he) || he.StatusCode != http.StatusMethodNotAllowed {
 			t.Errorf("%s: error %v, want 405", method, err)
 		}
-		if got := w.Header().Get("Allow"); got != http.MethodGet {
+		if got := w.Header().Get("Allow"); got != "GET, HEAD" {
 			t.Errorf("%s: Allow = %q", method, got)
 		}
 	}
+}
+
+func TestServeHTTPHeadGetsTheStreamHeaders(t *testing.T) {
+	h := &Handler{}
+	provision(t, h)
+	w := httptest.NewRecorder()
+	if err := h.ServeHTTP(w, httptest.NewRequest(http.MethodHead, "/events", nil), nil); err != nil {
+		t.Fatal(err)
+	}
+	require.Equal(t, http.StatusOK, w.Code)
+	require.Equal(t, "text/event-stream", w.Header().Get("Content-Type"))
+	require.Equal(t, "no-cache", w.Header().Get("Cache-Control"))
+	require.Zero(t, w.Body.Len(), "HEAD got a body")
+	require.Zero(t, subscribers(h.feed), "HEAD subscribed to the feed")
 }
 
 func TestServeHTTPResumes(t *testing.T) {
@@ -196,15 +231,13 @@ func TestServeHTTPUnknownIDGetsResetThenRetained(t *testing.T) {
 func TestServeHTTPIDFromAnEarlierFeedIsUnknown(t *testing.T) {
 	anonymous := []json.RawMessage{json.RawMessage(`{"d": "x"}`), json.RawMessage(`{"d": "y"}`)}
 	earlier := &Handler{Heartbeat: -1}
-	provision(t, earlier)
+	unload := provision(t, earlier)
 	earlier.feed.Publish(anonymous)
 	oldID := earlier.feed.LastID()
-	if err := earlier.Cleanup(); err != nil {
-		t.Fatal(err)
-	}
+	unload()
 
 	// The same config after a restart: a new feed numbers its ids afresh.
-	h := &Handler{Heartbeat: -1, Tail: earlier.Tail}
+	h := &Handler{FeedConfig: FeedConfig{Tail: earlier.Tail}, Heartbeat: -1}
 	provision(t, h)
 	h.feed.Publish(anonymous)
 	h.feed.Publish(anonymous)
@@ -336,4 +369,58 @@ func FuzzLastEventID(f *testing.F) {
 			t.Fatalf("stream is not UTF-8 without a BOM: %q", raw.Bytes())
 		}
 	})
+}
+
+func TestServeHTTPEvictedBeforeReadingGetsAResetNotADisconnect(t *testing.T) {
+	h := &Handler{FeedConfig: FeedConfig{Replay: 3}, Heartbeat: -1}
+	provision(t, h)
+	s := ssetest.Open(t, serve(t, h).URL)
+	// One burst larger than the log evicts the new subscriber's place
+	// before it could write anything: it was never slow.
+	publishIDs(h, "1", "2", "3", "4", "5", "6", "7", "8", "9", "10")
+	reset := s.NextEvent(t)
+	require.Equal(t, "reset", reset.Type)
+	require.JSONEq(t, `{"last_event_id":""}`, reset.Data)
+	expectIDs(t, s, "8", "9", "10")
+	publishIDs(h, "11")
+	expectIDs(t, s, "11")
+	require.Zero(t, testutil.ToFloat64(h.feed.metrics.slowDisconnect))
+}
+
+func TestServeHTTPReloadEndsTheStreamsOfChangedHandlersOnly(t *testing.T) {
+	tail := ssetest.ClosedURL(t)
+	config := func(retry time.Duration) *Handler {
+		return &Handler{FeedConfig: FeedConfig{Tail: tail}, Heartbeat: -1, Retry: caddy.Duration(retry)}
+	}
+	kept, changed := config(time.Second), config(2*time.Second)
+	unloadKept, unloadChanged := provision(t, kept), provision(t, changed)
+	require.Same(t, kept.feed, changed.feed, "two handlers of one feed config share the feed")
+	keptStream, changedStream := ssetest.Open(t, serve(t, kept).URL), ssetest.Open(t, serve(t, changed).URL)
+
+	// A reload keeps one handler and changes the other; then the old
+	// config is cleaned up. The feed stays: the new config still has it.
+	provision(t, config(time.Second))
+	provision(t, config(3*time.Second))
+	unloadKept()
+	unloadChanged()
+	changedStream.ExpectEnd(t, 5*time.Second)
+	publishIDs(kept, "1")
+	expectIDs(t, keptStream, "1")
+}
+
+func TestServeHTTPDoesNotWaitForARequestBody(t *testing.T) {
+	// With the body unread the server cannot see the client leave; a
+	// heartbeat's failed write tells the stream.
+	h := &Handler{Heartbeat: caddy.Duration(50 * time.Millisecond)}
+	provision(t, h)
+	conn, err := net.Dial("tcp", serve(t, h).Listener.Addr().String())
+	require.NoError(t, err)
+	defer conn.Close()
+	_, err = io.WriteString(conn, "GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nthe body never ends")
+	require.NoError(t, err)
+	require.NoError(t, conn.SetReadDeadline(time.Now().Add(5*time.Second)))
+	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	require.NoError(t, err, "no response headers while the request body is unfinished")
+	require.Equal(t, http.StatusOK, resp.StatusCode)
+	require.Equal(t, "text/event-stream", resp.Header.Get("Content-Type"))
 }

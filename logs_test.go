@@ -30,11 +30,12 @@ func (p publishingSource) Run(ctx context.Context, sink source.Sink) {
 // events at debug only, so that nothing per event reaches an info log.
 func TestLogLevels(t *testing.T) {
 	core, logs := observer.New(zapcore.DebugLevel)
-	f := newFeed("levels", tailFeed, publishingSource{[]string{`{"n":1}`, `{"n":2}`}}, mapping{},
-		replay.Limits{Count: 10, Bytes: 1 << 20}, time.Millisecond, zap.New(core))
-	defer f.Destruct()
+	f := buildTestFeed(t, feedParts{
+		kind: tailFeed, source: publishingSource{[]string{`{"n":1}`, `{"n":2}`}},
+		log: replay.New(replay.Limits{Count: 10, Bytes: 1 << 20}), linger: time.Millisecond, logger: zap.New(core),
+	})
 
-	if _, ok := f.subscribe(0, func() {}); !ok {
+	if _, ok := f.subscribe(0); !ok {
 		t.Fatal("subscribe refused")
 	}
 	waitForLog(t, logs, "published")

@@ -9,7 +9,7 @@ import (
 )
 
 // testMapping builds a mapping from options as the config does.
-func testMapping(t testing.TB, h Handler) mapping {
+func testMapping(t testing.TB, h FeedConfig) mapping {
 	t.Helper()
 	m, err := h.mapping()
 	if err != nil {
@@ -21,21 +21,21 @@ func testMapping(t testing.TB, h Handler) mapping {
 func TestMappingElements(t *testing.T) {
 	for _, tc := range []struct {
 		name  string
-		h     Handler
+		h     FeedConfig
 		doc   string
 		want  []string
 		noArr bool
 	}{
-		{"oldest first", Handler{Items: "/items"}, `{"items": [{"n":1}, {"n":2}, 3]}`, []string{`{"n":1}`, `{"n":2}`, `3`}, false},
-		{"newest first", Handler{Items: "/items", Order: "newest_first"}, `{"items": [1, 2, 3]}`, []string{`3`, `2`, `1`}, false},
-		{"nested", Handler{Items: "/data/list"}, `{"data": {"list": ["a"]}}`, []string{`"a"`}, false},
-		{"raw bytes kept", Handler{Items: "/items"}, `{"items": [ {"b": 1,  "a": 2} ]}`, []string{`{"b": 1,  "a": 2}`}, false},
-		{"empty array", Handler{Items: "/items"}, `{"items": []}`, nil, false},
-		{"missing", Handler{Items: "/items"}, `{"other": []}`, nil, true},
-		{"object", Handler{Items: "/items"}, `{"items": {"0": 1}}`, nil, true},
-		{"string", Handler{Items: "/items"}, `{"items": "[1]"}`, nil, true},
-		{"null", Handler{Items: "/items"}, `{"items": null}`, nil, true},
-		{"document is an array", Handler{Items: "/items"}, `[1]`, nil, true},
+		{"oldest first", FeedConfig{Items: "/items"}, `{"items": [{"n":1}, {"n":2}, 3]}`, []string{`{"n":1}`, `{"n":2}`, `3`}, false},
+		{"newest first", FeedConfig{Items: "/items", Order: "newest_first"}, `{"items": [1, 2, 3]}`, []string{`3`, `2`, `1`}, false},
+		{"nested", FeedConfig{Items: "/data/list"}, `{"data": {"list": ["a"]}}`, []string{`"a"`}, false},
+		{"raw bytes kept", FeedConfig{Items: "/items"}, `{"items": [ {"b": 1,  "a": 2} ]}`, []string{`{"b": 1,  "a": 2}`}, false},
+		{"empty array", FeedConfig{Items: "/items"}, `{"items": []}`, nil, false},
+		{"missing", FeedConfig{Items: "/items"}, `{"other": []}`, nil, true},
+		{"object", FeedConfig{Items: "/items"}, `{"items": {"0": 1}}`, nil, true},
+		{"string", FeedConfig{Items: "/items"}, `{"items": "[1]"}`, nil, true},
+		{"null", FeedConfig{Items: "/items"}, `{"items": null}`, nil, true},
+		{"document is an array", FeedConfig{Items: "/items"}, `[1]`, nil, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			m := testMapping(t, tc.h)
@@ -63,31 +63,31 @@ func TestMappingElements(t *testing.T) {
 func TestMappingToEvent(t *testing.T) {
 	for _, tc := range []struct {
 		name      string
-		h         Handler
+		h         FeedConfig
 		elem      string
 		byContent bool
 		want      Event
 		key       string // "sum" for any content key
 	}{
-		{"id string", Handler{ID: "/id"}, `{"id": "a1"}`, false, Event{ID: "a1", Data: `{"id":"a1"}`}, "id:a1"},
-		{"id escaped string", Handler{ID: "/id"}, `{"id": "\u00e9"}`, false, Event{ID: "é", Data: `{"id":"\u00e9"}`}, "id:é"},
-		{"id number", Handler{ID: "/id"}, `{"id": 42}`, true, Event{ID: "42", Data: `{"id":42}`}, "id:42"},
-		{"id number kept as written", Handler{ID: "/id"}, `{"id": 1.5e3}`, false, Event{ID: "1.5e3", Data: `{"id":1.5e3}`}, "id:1.5e3"},
-		{"id object ignored", Handler{ID: "/id"}, `{"id": {}}`, false, Event{Data: `{"id":{}}`}, ""},
-		{"id null by content", Handler{ID: "/id"}, `{"id": null}`, true, Event{Data: `{"id":null}`}, "sum"},
-		{"id missing", Handler{ID: "/id"}, `{}`, false, Event{Data: `{}`}, ""},
-		{"id missing by content", Handler{ID: "/id"}, `{}`, true, Event{Data: `{}`}, "sum"},
-		{"no id by content", Handler{}, `[1]`, true, Event{Data: `[1]`}, "sum"},
-		{"type pointer", Handler{Type: "/k"}, `{"k": "note"}`, false, Event{Type: "note", Data: `{"k":"note"}`}, ""},
-		{"type pointer over event", Handler{Type: "/k", Event: "fixed"}, `{"k": "note"}`, false, Event{Type: "note", Data: `{"k":"note"}`}, ""},
-		{"type missing falls back to event", Handler{Type: "/k", Event: "fixed"}, `{}`, false, Event{Type: "fixed", Data: `{}`}, ""},
-		{"type null falls back to event", Handler{Type: "/k", Event: "fixed"}, `{"k": null}`, false, Event{Type: "fixed", Data: `{"k":null}`}, ""},
-		{"fixed event", Handler{Event: "fixed"}, `1`, false, Event{Type: "fixed", Data: `1`}, ""},
-		{"data string is text", Handler{Data: "/d"}, `{"d": "a\nb\r\n\"c\""}`, false, Event{Data: "a\nb\r\n\"c\""}, ""},
-		{"data object compact in order", Handler{Data: "/d"}, `{"d": { "z": 1, "a" : [1, 2] }}`, false, Event{Data: `{"z":1,"a":[1,2]}`}, ""},
-		{"data number", Handler{Data: "/d"}, `{"d": 3}`, false, Event{Data: `3`}, ""},
-		{"data null", Handler{Data: "/d"}, `{"d": null}`, false, Event{Data: `null`}, ""},
-		{"data html kept", Handler{}, `{"h": "<a>&"}`, false, Event{Data: `{"h":"<a>&"}`}, ""},
+		{"id string", FeedConfig{ID: "/id"}, `{"id": "a1"}`, false, Event{ID: "a1", Data: `{"id":"a1"}`}, "id:a1"},
+		{"id escaped string", FeedConfig{ID: "/id"}, `{"id": "\u00e9"}`, false, Event{ID: "é", Data: `{"id":"\u00e9"}`}, "id:é"},
+		{"id number", FeedConfig{ID: "/id"}, `{"id": 42}`, true, Event{ID: "42", Data: `{"id":42}`}, "id:42"},
+		{"id number kept as written", FeedConfig{ID: "/id"}, `{"id": 1.5e3}`, false, Event{ID: "1.5e3", Data: `{"id":1.5e3}`}, "id:1.5e3"},
+		{"id object ignored", FeedConfig{ID: "/id"}, `{"id": {}}`, false, Event{Data: `{"id":{}}`}, ""},
+		{"id null by content", FeedConfig{ID: "/id"}, `{"id": null}`, true, Event{Data: `{"id":null}`}, "sum"},
+		{"id missing", FeedConfig{ID: "/id"}, `{}`, false, Event{Data: `{}`}, ""},
+		{"id missing by content", FeedConfig{ID: "/id"}, `{}`, true, Event{Data: `{}`}, "sum"},
+		{"no id by content", FeedConfig{}, `[1]`, true, Event{Data: `[1]`}, "sum"},
+		{"type pointer", FeedConfig{Type: "/k"}, `{"k": "note"}`, false, Event{Type: "note", Data: `{"k":"note"}`}, ""},
+		{"type pointer over event", FeedConfig{Type: "/k", Event: "fixed"}, `{"k": "note"}`, false, Event{Type: "note", Data: `{"k":"note"}`}, ""},
+		{"type missing falls back to event", FeedConfig{Type: "/k", Event: "fixed"}, `{}`, false, Event{Type: "fixed", Data: `{}`}, ""},
+		{"type null falls back to event", FeedConfig{Type: "/k", Event: "fixed"}, `{"k": null}`, false, Event{Type: "fixed", Data: `{"k":null}`}, ""},
+		{"fixed event", FeedConfig{Event: "fixed"}, `1`, false, Event{Type: "fixed", Data: `1`}, ""},
+		{"data string is text", FeedConfig{Data: "/d"}, `{"d": "a\nb\r\n\"c\""}`, false, Event{Data: "a\nb\r\n\"c\""}, ""},
+		{"data object compact in order", FeedConfig{Data: "/d"}, `{"d": { "z": 1, "a" : [1, 2] }}`, false, Event{Data: `{"z":1,"a":[1,2]}`}, ""},
+		{"data number", FeedConfig{Data: "/d"}, `{"d": 3}`, false, Event{Data: `3`}, ""},
+		{"data null", FeedConfig{Data: "/d"}, `{"d": null}`, false, Event{Data: `null`}, ""},
+		{"data html kept", FeedConfig{}, `{"h": "<a>&"}`, false, Event{Data: `{"h":"<a>&"}`}, ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			m := testMapping(t, tc.h)
@@ -106,7 +106,7 @@ func TestMappingToEvent(t *testing.T) {
 }
 
 func TestMappingMissingData(t *testing.T) {
-	m := testMapping(t, Handler{Data: "/payload"})
+	m := testMapping(t, FeedConfig{Data: "/payload"})
 	_, _, err := m.toEvent(json.RawMessage(`{"other": 1}`), false)
 	if err == nil || !strings.Contains(err.Error(), `"/payload"`) {
 		t.Fatalf("toEvent with no data = %v, want an error naming the pointer", err)
@@ -114,7 +114,7 @@ func TestMappingMissingData(t *testing.T) {
 }
 
 func TestMappingContentKeys(t *testing.T) {
-	m := testMapping(t, Handler{})
+	m := testMapping(t, FeedConfig{})
 	key := func(elem string) string {
 		_, k, err := m.toEvent(json.RawMessage(elem), true)
 		if err != nil {
@@ -139,7 +139,7 @@ func FuzzMapping(f *testing.F) {
 	f.Add(`{"d": "\ud800"}`, "", "", "/d")
 	f.Add("\xff{", "/", "/", "/")
 	f.Fuzz(func(t *testing.T, elem, id, typ, data string) {
-		m, err := (&Handler{Items: "/" + id, ID: id, Type: typ, Data: data}).mapping()
+		m, err := (&FeedConfig{Items: "/" + id, ID: id, Type: typ, Data: data}).mapping()
 		if err != nil {
 			return
 		}

@@ -2,6 +2,8 @@ package ssefeed
 
 import (
 	"errors"
+	"fmt"
+	"sync"
 
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -40,7 +42,11 @@ var (
 	}, []string{"feed"})
 )
 
-var collectors = []prometheus.Collector{
+// collectors are the module's collectors, each with a feed label.
+var collectors = []interface {
+	prometheus.Collector
+	DeletePartialMatch(prometheus.Labels) int
+}{
 	metricSubscribers, metricEvents, metricBytes, metricUpstreamRequests,
 	metricUpstreamErrors, metricResumptions, metricSlowDisconnects,
 }
@@ -70,15 +76,56 @@ type feedMetrics struct {
 	slowDisconnect prometheus.Counter
 }
 
-func newFeedMetrics(name string) *feedMetrics {
-	return &feedMetrics{
-		name:           name,
-		subscribers:    metricSubscribers.WithLabelValues(name),
-		events:         metricEvents.WithLabelValues(name),
-		bytes:          metricBytes.WithLabelValues(name),
-		resumeHit:      metricResumptions.WithLabelValues(name, "hit"),
-		resumeReset:    metricResumptions.WithLabelValues(name, "reset"),
-		slowDisconnect: metricSlowDisconnects.WithLabelValues(name),
+// feedNames counts the live feeds of each name, so that a name's series
+// are deleted when its last feed is.
+var feedNames = struct {
+	sync.Mutex
+	live map[string]int
+}{live: make(map[string]int)}
+
+// newFeedMetrics returns the collectors of a feed named name. It fails for
+// a name that cannot be a label value.
+func newFeedMetrics(name string) (*feedMetrics, error) {
+	m := &feedMetrics{name: name}
+	for _, c := range []struct {
+		dst    *prometheus.Counter
+		vec    *prometheus.CounterVec
+		labels []string
+	}{
+		{&m.events, metricEvents, []string{name}},
+		{&m.bytes, metricBytes, []string{name}},
+		{&m.resumeHit, metricResumptions, []string{name, "hit"}},
+		{&m.resumeReset, metricResumptions, []string{name, "reset"}},
+		{&m.slowDisconnect, metricSlowDisconnects, []string{name}},
+	} {
+		counter, err := c.vec.GetMetricWithLabelValues(c.labels...)
+		if err != nil {
+			return nil, fmt.Errorf("feed name %q: %v", name, err)
+		}
+		*c.dst = counter
+	}
+	gauge, err := metricSubscribers.GetMetricWithLabelValues(name)
+	if err != nil {
+		return nil, fmt.Errorf("feed name %q: %v", name, err)
+	}
+	m.subscribers = gauge
+	feedNames.Lock()
+	feedNames.live[name]++
+	feedNames.Unlock()
+	return m, nil
+}
+
+// release deletes the feed's series when no other live feed has its name.
+func (m *feedMetrics) release() {
+	feedNames.Lock()
+	defer feedNames.Unlock()
+	feedNames.live[m.name]--
+	if feedNames.live[m.name] > 0 {
+		return
+	}
+	delete(feedNames.live, m.name)
+	for _, c := range collectors {
+		c.DeletePartialMatch(prometheus.Labels{"feed": m.name})
 	}
 }
 
