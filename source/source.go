@@ -18,10 +18,6 @@ import (
 	"go.uber.org/zap"
 )
 
-// LastIDPlaceholder is replaced in the URL and header values by the id of the
-// last event the feed published, URL-escaped.
-const LastIDPlaceholder = "{sse_feed.last_id}"
-
 // Sink receives what a source reads.
 type Sink interface {
 	// Publish hands over values that arrived together, oldest first. For a
@@ -46,9 +42,10 @@ type Observer interface {
 
 // Config is what both sources need to reach an upstream.
 type Config struct {
-	// URL may hold Caddy placeholders and LastIDPlaceholder.
+	// URL may hold Caddy placeholders and {sse_feed.last_id}, the id of the
+	// last event published, URL-escaped.
 	URL string
-	// Header values may hold Caddy placeholders and LastIDPlaceholder.
+	// Header values may hold Caddy placeholders and {sse_feed.last_id}.
 	Header http.Header
 	// Timeout bounds a poll request, or a tail request until its headers.
 	Timeout time.Duration
