@@ -160,9 +160,15 @@ func TestLineReader(t *testing.T) {
 		{"empty lines", "\n\n{}\n\n", 8, []string{"", "", "{}", ""}, 0},
 		{"white space trimmed", " \t{} \t\n", 8, []string{"{}"}, 0},
 		{"line at max", "12345678\n", 8, []string{"12345678"}, 0},
+		{"line at max with CRLF", "12345678\r\n", 8, []string{"12345678"}, 0},
 		{"line over max skipped", "123456789\n[2]\n", 8, []string{"[2]"}, 1},
+		{"line over max with CRLF skipped", "123456789\r\n[2]\r\n", 8, []string{"[2]"}, 1},
+		{"CR inside a line counts", "1234567\r8\n", 8, nil, 1},
+		{"CRLF split by the buffer", strings.Repeat("x", 64<<10-1) + "\r\n[1]\n", 64<<10 - 1, []string{strings.Repeat("x", 64<<10-1), "[1]"}, 0},
+		{"CR split from a longer line by the buffer", strings.Repeat("x", 64<<10-1) + "\rx\n[1]\n", 64<<10 - 1, []string{"[1]"}, 1},
 		{"unterminated line at max", "{}\n12345678", 8, []string{"{}", "12345678"}, 0},
 		{"unterminated line over max", "{}\n123456789", 8, []string{"{}"}, 1},
+		{"unterminated line at max with CR", "{}\n12345678\r", 8, []string{"{}", "12345678"}, 0},
 		{"long line never ends", "[1]\n" + strings.Repeat("x", 200<<10), 1 << 10, []string{"[1]"}, 1},
 		{"long line over the buffer then a line", strings.Repeat("x", 200<<10) + "\n[3]\n", 1 << 10, []string{"[3]"}, 1},
 		{"empty input", "", 8, nil, 0},
@@ -172,7 +178,7 @@ func TestLineReader(t *testing.T) {
 			for _, r := range []io.Reader{strings.NewReader(tt.input), iotest.OneByteReader(strings.NewReader(tt.input))} {
 				lines, tooLong := readLines(t, r, tt.max)
 				if !slices.Equal(lines, tt.lines) || tooLong != tt.tooLong {
-					t.Errorf("got %q and %d too long, want %q and %d", lines, tooLong, tt.lines, tt.tooLong)
+					t.Errorf("got %.80q and %d too long, want %.80q and %d", lines, tooLong, tt.lines, tt.tooLong)
 				}
 			}
 		})
@@ -193,7 +199,7 @@ func TestLineBuffered(t *testing.T) {
 
 // FuzzLineReader checks the LineReader against a plain split of the input:
 // it never panics, never returns a line over max, and returns exactly the
-// trimmed lines that fit, in order.
+// trimmed lines that fit without their line break, in order.
 func FuzzLineReader(f *testing.F) {
 	f.Add([]byte("{}\n[1]\r\n\n  \"x\"  \n"), uint8(4))
 	f.Add([]byte("12345\n123\n1234"), uint8(4))
@@ -208,7 +214,7 @@ func FuzzLineReader(f *testing.F) {
 			pieces = pieces[:len(pieces)-1] // the input ends with LF, or is empty
 		}
 		for _, p := range pieces {
-			if int64(len(p)) > max {
+			if int64(len(bytes.TrimSuffix(p, []byte("\r")))) > max {
 				wantTooLong++
 			} else {
 				want = append(want, string(bytes.TrimSpace(p)))

@@ -108,8 +108,9 @@ func (t *Tail) stream(ctx context.Context, client *http.Client, sink Sink) (bool
 	}
 }
 
-// LineReader splits NDJSON into lines of at most a given length. Lines end
-// with LF; a CR before it and surrounding white space are trimmed.
+// LineReader splits NDJSON into lines of at most a given length, not
+// counting the LF or CRLF that ends each (or a CR that ends the input).
+// Lines are returned without their surrounding white space.
 type LineReader struct {
 	r   *bufio.Reader
 	max int64
@@ -130,14 +131,12 @@ func (lr *LineReader) Next() ([]byte, error) {
 	for {
 		chunk, err := lr.r.ReadSlice('\n')
 		if !tooLong {
-			n := len(line) + len(chunk)
-			if err == nil {
-				n-- // the LF ends the line and is not part of it
-			}
-			if int64(n) > lr.max {
+			line = append(line, chunk...)
+			// Neither the LF nor a CR before it counts. A CR at the end of
+			// a chunk may be the first half of a CRLF still to come.
+			content := bytes.TrimSuffix(bytes.TrimSuffix(line, []byte("\n")), []byte("\r"))
+			if int64(len(content)) > lr.max {
 				tooLong, line = true, nil
-			} else {
-				line = append(line, chunk...)
 			}
 		}
 		switch {
