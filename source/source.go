@@ -43,7 +43,7 @@ type Observer interface {
 // Config is what both sources need to reach an upstream.
 type Config struct {
 	// URL may hold Caddy placeholders and {sse_feed.last_id}, the id of the
-	// last event published, URL-escaped.
+	// last event published, URL-escaped. CheckURL tells whether it will do.
 	URL string
 	// Header values may hold Caddy placeholders and {sse_feed.last_id}.
 	Header http.Header
