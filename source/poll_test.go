@@ -383,3 +383,32 @@ func TestPollRun(t *testing.T) {
 		t.Errorf("errors %q, want a %q", errs, ReasonStatus)
 	}
 }
+
+// TestPollRedirectToHTTP checks that a redirect from https to http on the
+// same host and port is refused, so the headers never cross in clear, while
+// a redirect on the same origin is followed with them.
+func TestPollRedirectToHTTP(t *testing.T) {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/clear", func(w http.ResponseWriter, r *http.Request) {
+		http.Redirect(w, r, "http://"+r.Host+"/doc", http.StatusFound)
+	})
+	mux.Handle("/moved", http.RedirectHandler("/doc", http.StatusMovedPermanently))
+	mux.HandleFunc("/doc", func(w http.ResponseWriter, r *http.Request) {
+		w.Write([]byte(`{"here":"` + r.Header.Get("Authorization") + `"}`))
+	})
+	srv := httptest.NewTLSServer(mux)
+	defer srv.Close()
+	trust := srv.Client().Transport.(*http.Transport).TLSClientConfig
+
+	for path, want := range map[string]error{"/clear": errRedirect, "/moved": nil} {
+		p := newPoller(srv.URL + path)
+		p.client.Transport.(*http.Transport).TLSClientConfig = trust
+		p.Header.Set("Authorization", "Bearer k")
+		if err := p.once(); !errors.Is(err, want) {
+			t.Fatalf("%s: err = %v, want %v", path, err, want)
+		}
+		if want == nil {
+			p.sink.expectBatch(t, `{"here":"Bearer k"}`)
+		}
+	}
+}

@@ -9,9 +9,11 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"net"
 	"net/http"
 	"net/url"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -66,19 +68,20 @@ const (
 	ReasonRead        = "read"
 )
 
-// errRedirect refuses a redirect to another host, so that headers meant for
-// the configured upstream, such as API keys, never leave it.
-var errRedirect = errors.New("redirect to another host refused")
+// errRedirect refuses a redirect off the configured origin, so that headers
+// meant for the upstream, such as API keys, never reach another server nor
+// cross the network in clear.
+var errRedirect = errors.New("redirect off the upstream's scheme, host and port refused")
 
 // newClient returns an HTTP client for one source. Redirects are followed
-// within the upstream's host only.
+// within the upstream's origin only.
 func newClient(headerTimeout time.Duration) *http.Client {
 	transport := http.DefaultTransport.(*http.Transport).Clone()
 	transport.ResponseHeaderTimeout = headerTimeout
 	return &http.Client{
 		Transport: transport,
 		CheckRedirect: func(req *http.Request, via []*http.Request) error {
-			if req.URL.Host != via[0].URL.Host {
+			if origin(req.URL) != origin(via[0].URL) {
 				return errRedirect
 			}
 			if len(via) >= 10 {
@@ -87,6 +90,22 @@ func newClient(headerTimeout time.Duration) *http.Client {
 			return nil
 		},
 	}
+}
+
+// origin returns the scheme and host:port of u, the port made explicit
+// where it is the scheme's default: https://h and https://h:443 are one
+// origin, https://h and http://h are two.
+func origin(u *url.URL) string {
+	port := u.Port()
+	if port == "" {
+		switch u.Scheme {
+		case "http":
+			port = "80"
+		case "https":
+			port = "443"
+		}
+	}
+	return u.Scheme + "://" + net.JoinHostPort(strings.ToLower(u.Hostname()), port)
 }
 
 // newRequest builds the upstream GET, replacing placeholders in the URL and

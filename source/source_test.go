@@ -7,6 +7,7 @@ import (
 	"errors"
 	"io"
 	"net/http"
+	"net/http/httptest"
 	"net/url"
 	"slices"
 	"strings"
@@ -346,4 +347,33 @@ func FuzzRetryAfter(f *testing.F) {
 			t.Fatalf("Delay with Retry-After %q = %v", value, d)
 		}
 	})
+}
+
+func TestRedirectStaysOnOrigin(t *testing.T) {
+	tests := []struct {
+		from, to string
+		follow   bool
+	}{
+		{"https://h/a", "https://h/b", true},
+		{"https://h/a", "https://h:443/b", true},
+		{"http://h:80/a", "http://h/b", true},
+		{"https://H.example/a", "https://h.EXAMPLE/b", true},
+		{"http://[::1]/a", "http://[::1]:80/b", true},
+		{"https://h/a", "http://h/b", false},
+		{"https://h/a", "http://h:443/b", false},
+		{"https://h:8443/a", "http://h:8443/b", false},
+		{"http://h/a", "https://h/b", false},
+		{"https://h/a", "https://h:8443/b", false},
+		{"https://h/a", "https://other/b", false},
+		{"https://h/a", "https://h.other/b", false},
+	}
+	client := newClient(0)
+	for _, tt := range tests {
+		from := httptest.NewRequest(http.MethodGet, tt.from, nil)
+		to := httptest.NewRequest(http.MethodGet, tt.to, nil)
+		err := client.CheckRedirect(to, []*http.Request{from})
+		if tt.follow && err != nil || !tt.follow && !errors.Is(err, errRedirect) {
+			t.Errorf("redirect from %s to %s: %v, want followed %v", tt.from, tt.to, err, tt.follow)
+		}
+	}
 }
