@@ -37,6 +37,7 @@ var bodySeed = maphash.MakeSeed()
 func (p *Poll) Run(ctx context.Context, sink Sink) {
 	client := newClient(0)
 	client.Timeout = p.Timeout
+	defer client.CloseIdleConnections()
 	failures := 0
 	for {
 		delay := p.Interval
@@ -73,8 +74,7 @@ func (p *Poll) poll(ctx context.Context, client *http.Client, sink Sink) error {
 	}
 	resp, err := client.Do(req)
 	if err != nil {
-		p.Observer.UpstreamRequest("error")
-		p.Observer.UpstreamError(ReasonConnect)
+		p.failed(ctx, ReasonConnect)
 		return err
 	}
 	defer resp.Body.Close()
@@ -85,8 +85,7 @@ func (p *Poll) poll(ctx context.Context, client *http.Client, sink Sink) error {
 	}
 	body, reason, err := p.readBody(resp)
 	if err != nil {
-		p.Observer.UpstreamRequest("error")
-		p.Observer.UpstreamError(reason)
+		p.failed(ctx, reason)
 		return err
 	}
 	p.Observer.UpstreamRequest("ok")

@@ -359,24 +359,14 @@ func TestPollRun(t *testing.T) {
 	}
 
 	p := newPoller(srv.URL)
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		p.Run(ctx, p.sink)
-	}()
+	stop := start(t, p.Poll, p.sink)
 	p.sink.expectBatch(t, `{"v":1}`)
 	waitRequests(3)
 	set(http.StatusBadGateway, "")
 	waitRequests(3)
 	set(http.StatusOK, `{"v":2}`)
 	p.sink.expectBatch(t, `{"v":2}`)
-	cancel()
-	select {
-	case <-done:
-	case <-time.After(5 * time.Second):
-		t.Fatal("Run did not return after its context ended")
-	}
+	stop()
 	p.sink.expectNothing(t)
 	_, errs := p.obs.calls()
 	if !slices.Contains(errs, ReasonStatus) {

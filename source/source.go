@@ -108,6 +108,16 @@ func origin(u *url.URL) string {
 	return u.Scheme + "://" + net.JoinHostPort(strings.ToLower(u.Hostname()), port)
 }
 
+// failed records a request that failed for reason, unless ctx has ended: a
+// source stopped mid-request is no fault of the upstream's.
+func (c *Config) failed(ctx context.Context, reason string) {
+	if ctx.Err() != nil {
+		return
+	}
+	c.Observer.UpstreamRequest("error")
+	c.Observer.UpstreamError(reason)
+}
+
 // newRequest builds the upstream GET, replacing placeholders in the URL and
 // header values; the last id is URL-escaped.
 func (c *Config) newRequest(ctx context.Context, lastID string) (*http.Request, error) {

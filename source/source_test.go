@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -375,5 +376,109 @@ func TestRedirectStaysOnOrigin(t *testing.T) {
 		if tt.follow && err != nil || !tt.follow && !errors.Is(err, errRedirect) {
 			t.Errorf("redirect from %s to %s: %v, want followed %v", tt.from, tt.to, err, tt.follow)
 		}
+	}
+}
+
+// runner is what Poll and Tail have in common.
+type runner interface {
+	Run(ctx context.Context, sink Sink)
+}
+
+// start runs src into sink until the returned stop is called or the test
+// ends. stop ends the run and waits for Run to return.
+func start(t *testing.T, src runner, sink Sink) (stop func()) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		src.Run(ctx, sink)
+	}()
+	stop = func() {
+		cancel()
+		select {
+		case <-done:
+		case <-time.After(5 * time.Second):
+			t.Error("Run did not return after its context ended")
+		}
+	}
+	t.Cleanup(stop)
+	return stop
+}
+
+// kinds names the sources for newSource.
+var kinds = []string{"poll", "tail"}
+
+// newSource returns a Tail of c, or a Poll of c that waits an hour between
+// polls.
+func newSource(kind string, c Config) runner {
+	if kind == "poll" {
+		return &Poll{Config: c, Interval: time.Hour}
+	}
+	return &Tail{Config: c}
+}
+
+// TestStopIsNoFault checks that a source stopped in the middle of a request
+// or a stream counts no upstream error.
+func TestStopIsNoFault(t *testing.T) {
+	awaiting := func(_ int, w http.ResponseWriter, r *http.Request) { hang(w, r) }
+	tests := []struct {
+		name, kind string
+		respond    func(n int, w http.ResponseWriter, r *http.Request)
+		requests   []string
+	}{
+		{"poll awaiting an answer", "poll", awaiting, nil},
+		{"tail awaiting headers", "tail", awaiting, nil},
+		{"tail streaming", "tail", streamFrom(nil), []string{"ok"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			u := newTailUpstream(t, tt.respond)
+			obs := &fakeObserver{}
+			stop := start(t, newSource(tt.kind, testConfig(u.URL, obs)), newFakeSink())
+			waitFor(t, func() bool { u.mu.Lock(); defer u.mu.Unlock(); return len(u.requests) == 1 })
+			if tt.requests != nil {
+				waitFor(t, func() bool { requests, _ := obs.calls(); return len(requests) > 0 })
+			}
+			stop()
+			requests, errs := obs.calls()
+			if !slices.Equal(requests, tt.requests) || len(errs) != 0 {
+				t.Errorf("observed requests %q and errors %q, want %q and none", requests, errs, tt.requests)
+			}
+		})
+	}
+}
+
+// TestStopClosesConnections checks that the upstream sees its connection
+// closed as soon as Run returns, not after the client's idle timeout:
+// both sources stop while waiting to make the next request, their
+// connection idle and ready for reuse.
+func TestStopClosesConnections(t *testing.T) {
+	closed := make(chan struct{}, 10)
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Write([]byte("[1]")) // a document, or a stream of one line that ends
+	}))
+	srv.Config.ConnState = func(_ net.Conn, state http.ConnState) {
+		if state == http.StateClosed {
+			closed <- struct{}{}
+		}
+	}
+	srv.Start()
+	defer srv.Close()
+
+	c := testConfig(srv.URL, &fakeObserver{})
+	c.Backoff = Backoff{Initial: time.Hour, Max: time.Hour}
+	for _, kind := range kinds {
+		t.Run(kind, func(t *testing.T) {
+			sink := newFakeSink()
+			stop := start(t, newSource(kind, c), sink)
+			sink.expectBatch(t, "[1]")
+			stop()
+			select {
+			case <-closed:
+			case <-time.After(5 * time.Second):
+				t.Fatal("the upstream's connection still open 5s after Run returned")
+			}
+		})
 	}
 }

@@ -25,6 +25,7 @@ var errLineTooLong = errors.New("line over max_body")
 // Run tails the upstream until ctx ends.
 func (t *Tail) Run(ctx context.Context, sink Sink) {
 	client := newClient(t.Timeout)
+	defer client.CloseIdleConnections()
 	failures := 0
 	for {
 		delivered, err := t.stream(ctx, client, sink)
@@ -59,14 +60,12 @@ func (t *Tail) stream(ctx context.Context, client *http.Client, sink Sink) (bool
 	}
 	resp, err := client.Do(req)
 	if err != nil {
-		t.Observer.UpstreamRequest("error")
-		t.Observer.UpstreamError(ReasonConnect)
+		t.failed(ctx, ReasonConnect)
 		return false, err
 	}
 	defer resp.Body.Close()
 	if err := checkStatus(resp, time.Now()); err != nil {
-		t.Observer.UpstreamRequest("error")
-		t.Observer.UpstreamError(ReasonStatus)
+		t.failed(ctx, ReasonStatus)
 		return false, err
 	}
 	t.Observer.UpstreamRequest("ok")
@@ -88,7 +87,9 @@ func (t *Tail) stream(ctx context.Context, client *http.Client, sink Sink) (bool
 			if errors.Is(err, io.EOF) {
 				return delivered, nil
 			}
-			t.Observer.UpstreamError(ReasonRead)
+			if ctx.Err() == nil {
+				t.Observer.UpstreamError(ReasonRead)
+			}
 			return delivered, err
 		case len(line) == 0:
 		case json.Valid(line):

@@ -81,20 +81,7 @@ func runTail(t *testing.T, url string, sink *fakeSink, configure func(*Config)) 
 	if configure != nil {
 		configure(&tail.Config)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		tail.Run(ctx, sink)
-	}()
-	t.Cleanup(func() {
-		cancel()
-		select {
-		case <-done:
-		case <-time.After(5 * time.Second):
-			t.Error("Run did not return after its context ended")
-		}
-	})
+	start(t, tail, sink)
 	return obs
 }
 
