@@ -48,7 +48,7 @@ func (p *Poll) Run(ctx context.Context, sink Sink) {
 			failures++
 			delay = max(delay, p.Backoff.Delay(failures, retryAfterOf(err)))
 			p.Logger.Warn("poll failed; backing off",
-				zap.Error(err), zap.Int("failures", failures), zap.Duration("retry_in", delay))
+				zap.Error(p.redact(err)), zap.Int("failures", failures), zap.Duration("retry_in", delay))
 		} else if failures > 0 {
 			p.Logger.Info("upstream recovered", zap.Int("failures", failures))
 			failures = 0

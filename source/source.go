@@ -108,6 +108,37 @@ func origin(u *url.URL) string {
 	return u.Scheme + "://" + net.JoinHostPort(strings.ToLower(u.Hostname()), port)
 }
 
+// redact returns err with the URL that a *url.Error carries, the expanded
+// one which may hold secrets from placeholders, replaced by the configured
+// URL without its query, fragment and user info. Only redacted errors are
+// logged.
+func (c *Config) redact(err error) error {
+	var ue *url.Error
+	if !errors.As(err, &ue) {
+		return err
+	}
+	return &url.Error{Op: ue.Op, URL: redactURL(c.URL), Err: ue.Err}
+}
+
+// redactURL returns raw, a URL template, without its query, fragment and
+// user info.
+func redactURL(raw string) string {
+	raw, _, _ = strings.Cut(raw, "#")
+	raw, _, _ = strings.Cut(raw, "?")
+	scheme, rest := "", raw
+	if i := strings.Index(raw, "://"); i >= 0 {
+		scheme, rest = raw[:i+3], raw[i+3:]
+	}
+	authority, path := rest, ""
+	if i := strings.IndexByte(rest, '/'); i >= 0 {
+		authority, path = rest[:i], rest[i:]
+	}
+	if i := strings.LastIndexByte(authority, '@'); i >= 0 {
+		authority = authority[i+1:]
+	}
+	return scheme + authority + path
+}
+
 // failed records a request that failed for reason, unless ctx has ended: a
 // source stopped mid-request is no fault of the upstream's.
 func (c *Config) failed(ctx context.Context, reason string) {

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -18,6 +19,10 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
+
+	"github.com/ssefeed/caddy-ssefeed/internal/ssetest"
 )
 
 // fakeObserver records what a source reports.
@@ -379,6 +384,23 @@ func TestRedirectStaysOnOrigin(t *testing.T) {
 	}
 }
 
+func TestRedactURL(t *testing.T) {
+	tests := []struct{ raw, want string }{
+		{"https://api.example/items", "https://api.example/items"},
+		{"https://api.example/items?key={env.KEY}&since={sse_feed.last_id}", "https://api.example/items"},
+		{"https://user:{env.PASS}@api.example:8443/a/{env.ID}#frag", "https://api.example:8443/a/{env.ID}"},
+		{"https://a@b@api.example", "https://api.example"},
+		{"https://api.example?key=k", "https://api.example"},
+		{"not-a-url?key=k", "not-a-url"},
+		{"user:pass@host/x", "host/x"},
+	}
+	for _, tt := range tests {
+		if got := redactURL(tt.raw); got != tt.want {
+			t.Errorf("redactURL(%q) = %q, want %q", tt.raw, got, tt.want)
+		}
+	}
+}
+
 // runner is what Poll and Tail have in common.
 type runner interface {
 	Run(ctx context.Context, sink Sink)
@@ -416,6 +438,46 @@ func newSource(kind string, c Config) runner {
 		return &Poll{Config: c, Interval: time.Hour}
 	}
 	return &Tail{Config: c}
+}
+
+// TestSecretsNeverLogged checks that a secret expanded into the URL's path
+// or query from the environment appears in no logged message or field,
+// whether the upstream cannot be reached or redirects elsewhere with the
+// secret in the new URL.
+func TestSecretsNeverLogged(t *testing.T) {
+	const secret = "s3cr3t-t0k3n"
+	t.Setenv("SSEFEED_TEST_TOKEN", secret)
+	const template = "/feed/{env.SSEFEED_TEST_TOKEN}?key={env.SSEFEED_TEST_TOKEN}"
+	elsewhere := httptest.NewServer(http.NotFoundHandler())
+	defer elsewhere.Close()
+	redirecting := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		http.Redirect(w, r, elsewhere.URL+r.URL.RequestURI(), http.StatusFound)
+	}))
+	defer redirecting.Close()
+	upstreams := map[string]string{"unreachable": ssetest.ClosedURL(t), "redirect": redirecting.URL}
+
+	for upstream, base := range upstreams {
+		for _, kind := range kinds {
+			t.Run(upstream+" "+kind, func(t *testing.T) {
+				core, logs := observer.New(zapcore.DebugLevel)
+				c := testConfig(base+template, &fakeObserver{})
+				c.Header.Set("Authorization", "Bearer {env.SSEFEED_TEST_TOKEN}")
+				c.Logger = zap.New(core)
+				stop := start(t, newSource(kind, c), newFakeSink())
+				waitFor(t, func() bool { return logs.FilterMessageSnippet("failed").Len() > 0 })
+				stop()
+				for _, entry := range logs.All() {
+					fields := fmt.Sprint(entry.ContextMap())
+					if strings.Contains(entry.Message+fields, secret) {
+						t.Errorf("logged the secret: %s %s", entry.Message, fields)
+					}
+					if !strings.Contains(fields, redactURL(base+template)) {
+						t.Errorf("logged no redacted URL: %s %s", entry.Message, fields)
+					}
+				}
+			})
+		}
+	}
 }
 
 // TestStopIsNoFault checks that a source stopped in the middle of a request

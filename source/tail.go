@@ -39,7 +39,7 @@ func (t *Tail) Run(ctx context.Context, sink Sink) {
 		delay := t.Backoff.Delay(failures, retryAfterOf(err))
 		if err != nil {
 			t.Logger.Warn("tail failed; reconnecting",
-				zap.Error(err), zap.Int("failures", failures), zap.Duration("retry_in", delay))
+				zap.Error(t.redact(err)), zap.Int("failures", failures), zap.Duration("retry_in", delay))
 		} else {
 			t.Logger.Debug("upstream ended the stream; reconnecting", zap.Duration("retry_in", delay))
 		}
