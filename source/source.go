@@ -51,6 +51,10 @@ type Config struct {
 	Header http.Header
 	// Timeout bounds a poll request, or a tail request until its headers.
 	Timeout time.Duration
+	// ReadTimeout bounds the silence of a tailed stream: when no byte
+	// arrives for this long, the connection is dropped, counted as a read
+	// error and made again. Zero waits forever.
+	ReadTimeout time.Duration
 	// MaxBody bounds a polled body or one NDJSON line, in bytes.
 	MaxBody int64
 	// Backoff paces retries after failures.

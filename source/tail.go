@@ -6,6 +6,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"time"
@@ -21,6 +22,9 @@ type Tail struct {
 
 // errLineTooLong marks a line over MaxBody, which is skipped.
 var errLineTooLong = errors.New("line over max_body")
+
+// errIdle ends a stream that sent nothing for ReadTimeout.
+var errIdle = errors.New("upstream sent nothing within read_timeout")
 
 // Run tails the upstream until ctx ends.
 func (t *Tail) Run(ctx context.Context, sink Sink) {
@@ -53,7 +57,9 @@ func (t *Tail) Run(ctx context.Context, sink Sink) {
 // It reports whether any line was published, and the error that ended it,
 // which is nil for a clean end of stream.
 func (t *Tail) stream(ctx context.Context, client *http.Client, sink Sink) (bool, error) {
-	req, err := t.newRequest(ctx, sink.LastID())
+	reqCtx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	req, err := t.newRequest(reqCtx, sink.LastID())
 	if err != nil {
 		t.Observer.UpstreamError(ReasonConnect)
 		return false, err
@@ -70,7 +76,13 @@ func (t *Tail) stream(ctx context.Context, client *http.Client, sink Sink) (bool
 	}
 	t.Observer.UpstreamRequest("ok")
 
-	lines := NewLineReader(resp.Body, t.MaxBody)
+	var body io.Reader = resp.Body
+	if t.ReadTimeout > 0 {
+		idle := newIdleReader(resp.Body, t.ReadTimeout, func() { cancel(errIdle) })
+		defer idle.stop()
+		body = idle
+	}
+	lines := NewLineReader(body, t.MaxBody)
 	delivered := false
 	var batch []json.RawMessage
 	for {
@@ -90,6 +102,9 @@ func (t *Tail) stream(ctx context.Context, client *http.Client, sink Sink) (bool
 			if ctx.Err() == nil {
 				t.Observer.UpstreamError(ReasonRead)
 			}
+			if errors.Is(context.Cause(reqCtx), errIdle) {
+				err = fmt.Errorf("%w (%v)", errIdle, t.ReadTimeout)
+			}
 			return delivered, err
 		case len(line) == 0:
 		case json.Valid(line):
@@ -108,6 +123,30 @@ func (t *Tail) stream(ctx context.Context, client *http.Client, sink Sink) (bool
 		}
 	}
 }
+
+// idleReader calls a function when no byte arrives for a while.
+type idleReader struct {
+	r       io.Reader
+	timeout time.Duration
+	timer   *time.Timer
+}
+
+// newIdleReader returns a reader of r that calls onIdle, from its own
+// goroutine, when timeout passes without a byte read.
+func newIdleReader(r io.Reader, timeout time.Duration, onIdle func()) *idleReader {
+	return &idleReader{r: r, timeout: timeout, timer: time.AfterFunc(timeout, onIdle)}
+}
+
+func (ir *idleReader) Read(p []byte) (int, error) {
+	n, err := ir.r.Read(p)
+	if n > 0 {
+		ir.timer.Reset(ir.timeout)
+	}
+	return n, err
+}
+
+// stop ends the watch.
+func (ir *idleReader) stop() { ir.timer.Stop() }
 
 // LineReader splits NDJSON into lines of at most a given length, not
 // counting the LF or CRLF that ends each (or a CR that ends the input).
