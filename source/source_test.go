@@ -55,8 +55,9 @@ func (o *fakeObserver) calls() (requests, errors []string) {
 type fakeSink struct {
 	batches chan []string
 
-	mu     sync.Mutex
-	lastID string
+	mu        sync.Mutex
+	lastID    string
+	unchanged int // empty batches published
 }
 
 func newFakeSink() *fakeSink {
@@ -65,7 +66,10 @@ func newFakeSink() *fakeSink {
 
 func (s *fakeSink) Publish(values []json.RawMessage) {
 	if len(values) == 0 {
-		return // an unchanged poll: nothing to record
+		s.mu.Lock()
+		s.unchanged++
+		s.mu.Unlock()
+		return
 	}
 	batch := make([]string, len(values))
 	for i, v := range values {
@@ -105,6 +109,19 @@ func (s *fakeSink) expectBatch(t *testing.T, want ...string) {
 	if got := s.next(t); !slices.Equal(got, want) {
 		t.Fatalf("published %q, want %q", got, want)
 	}
+}
+
+// expectUnchanged fails the test unless exactly one empty batch, and no
+// other, was published since the last call.
+func (s *fakeSink) expectUnchanged(t *testing.T) {
+	t.Helper()
+	s.expectNothing(t)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.unchanged != 1 {
+		t.Fatalf("published %d empty batches, want 1", s.unchanged)
+	}
+	s.unchanged = 0
 }
 
 // expectNothing fails the test if anything was published.
