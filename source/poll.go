@@ -3,11 +3,12 @@ package source
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"encoding/json"
 	"fmt"
-	"hash/maphash"
 	"io"
 	"net/http"
+	"slices"
 	"time"
 
 	"go.uber.org/zap"
@@ -22,21 +23,44 @@ type Poll struct {
 	// Interval is the time between the end of one poll and the next.
 	Interval time.Duration
 
-	hash         uint64
-	published    bool
-	etag         string
-	lastModified string
+	state PollState
 }
 
-// bodySeed seeds the body hashes; it lives as long as the process, so that a
-// poller stopped and started again recognises the document it had.
-var bodySeed = maphash.MakeSeed()
+// PollState is what a poller knows of the upstream's last document, so that
+// another poller, in this process or another, carries on where it stopped:
+// it sends the same validators and does not publish the same body again.
+type PollState struct {
+	// ETag is the upstream's last ETag, sent as If-None-Match.
+	ETag string `json:"etag,omitempty"`
+	// LastModified is the upstream's last Last-Modified, sent as
+	// If-Modified-Since.
+	LastModified string `json:"last_modified,omitempty"`
+	// BodyHash is the SHA-256 of the last body published, nil before the
+	// first.
+	BodyHash []byte `json:"body_hash,omitempty"`
+}
+
+// State returns what the poller knows of the upstream. It must not be
+// called while Run is running.
+func (p *Poll) State() PollState {
+	s := p.state
+	s.BodyHash = slices.Clone(s.BodyHash)
+	return s
+}
+
+// Restore makes the poller carry on from s, as returned by State. It must
+// not be called while Run is running.
+func (p *Poll) Restore(s PollState) {
+	s.BodyHash = slices.Clone(s.BodyHash)
+	p.state = s
+}
 
 // Run polls until ctx ends. It may be called again after it returns; the
-// validators and hash of the last document carry over.
+// state of the last document carries over.
 func (p *Poll) Run(ctx context.Context, sink Sink) {
 	client := newClient(0)
 	client.Timeout = p.Timeout
+	defer client.CloseIdleConnections()
 	failures := 0
 	for {
 		delay := p.Interval
@@ -47,7 +71,7 @@ func (p *Poll) Run(ctx context.Context, sink Sink) {
 			failures++
 			delay = max(delay, p.Backoff.Delay(failures, retryAfterOf(err)))
 			p.Logger.Warn("poll failed; backing off",
-				zap.Error(err), zap.Int("failures", failures), zap.Duration("retry_in", delay))
+				zap.Error(p.redact(err)), zap.Int("failures", failures), zap.Duration("retry_in", delay))
 		} else if failures > 0 {
 			p.Logger.Info("upstream recovered", zap.Int("failures", failures))
 			failures = 0
@@ -65,16 +89,15 @@ func (p *Poll) poll(ctx context.Context, client *http.Client, sink Sink) error {
 		p.Observer.UpstreamError(ReasonConnect)
 		return err
 	}
-	if p.etag != "" {
-		req.Header.Set("If-None-Match", p.etag)
+	if p.state.ETag != "" {
+		req.Header.Set("If-None-Match", p.state.ETag)
 	}
-	if p.lastModified != "" {
-		req.Header.Set("If-Modified-Since", p.lastModified)
+	if p.state.LastModified != "" {
+		req.Header.Set("If-Modified-Since", p.state.LastModified)
 	}
 	resp, err := client.Do(req)
 	if err != nil {
-		p.Observer.UpstreamRequest("error")
-		p.Observer.UpstreamError(ReasonConnect)
+		p.failed(ctx, ReasonConnect)
 		return err
 	}
 	defer resp.Body.Close()
@@ -85,15 +108,14 @@ func (p *Poll) poll(ctx context.Context, client *http.Client, sink Sink) error {
 	}
 	body, reason, err := p.readBody(resp)
 	if err != nil {
-		p.Observer.UpstreamRequest("error")
-		p.Observer.UpstreamError(reason)
+		p.failed(ctx, reason)
 		return err
 	}
 	p.Observer.UpstreamRequest("ok")
-	p.etag = resp.Header.Get("ETag")
-	p.lastModified = resp.Header.Get("Last-Modified")
-	if h := maphash.Bytes(bodySeed, body); !p.published || h != p.hash {
-		p.hash, p.published = h, true
+	p.state.ETag = resp.Header.Get("ETag")
+	p.state.LastModified = resp.Header.Get("Last-Modified")
+	if hash := sha256.Sum256(body); !bytes.Equal(hash[:], p.state.BodyHash) {
+		p.state.BodyHash = hash[:]
 		sink.Publish([]json.RawMessage{body})
 	} else {
 		sink.Publish(nil)

@@ -2,9 +2,11 @@ package source
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"net/http"
 	"net/http/httptest"
+	"reflect"
 	"slices"
 	"strings"
 	"sync"
@@ -359,27 +361,98 @@ func TestPollRun(t *testing.T) {
 	}
 
 	p := newPoller(srv.URL)
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		p.Run(ctx, p.sink)
-	}()
+	stop := start(t, p.Poll, p.sink)
 	p.sink.expectBatch(t, `{"v":1}`)
 	waitRequests(3)
 	set(http.StatusBadGateway, "")
 	waitRequests(3)
 	set(http.StatusOK, `{"v":2}`)
 	p.sink.expectBatch(t, `{"v":2}`)
-	cancel()
-	select {
-	case <-done:
-	case <-time.After(5 * time.Second):
-		t.Fatal("Run did not return after its context ended")
-	}
+	stop()
 	p.sink.expectNothing(t)
 	_, errs := p.obs.calls()
 	if !slices.Contains(errs, ReasonStatus) {
 		t.Errorf("errors %q, want a %q", errs, ReasonStatus)
 	}
+}
+
+// TestPollRedirectToHTTP checks that a redirect from https to http on the
+// same host and port is refused, so the headers never cross in clear, while
+// a redirect on the same origin is followed with them.
+func TestPollRedirectToHTTP(t *testing.T) {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/clear", func(w http.ResponseWriter, r *http.Request) {
+		http.Redirect(w, r, "http://"+r.Host+"/doc", http.StatusFound)
+	})
+	mux.Handle("/moved", http.RedirectHandler("/doc", http.StatusMovedPermanently))
+	mux.HandleFunc("/doc", func(w http.ResponseWriter, r *http.Request) {
+		w.Write([]byte(`{"here":"` + r.Header.Get("Authorization") + `"}`))
+	})
+	srv := httptest.NewTLSServer(mux)
+	defer srv.Close()
+	trust := srv.Client().Transport.(*http.Transport).TLSClientConfig
+
+	for path, want := range map[string]error{"/clear": errRedirect, "/moved": nil} {
+		p := newPoller(srv.URL + path)
+		p.client.Transport.(*http.Transport).TLSClientConfig = trust
+		p.Header.Set("Authorization", "Bearer k")
+		if err := p.once(); !errors.Is(err, want) {
+			t.Fatalf("%s: err = %v, want %v", path, err, want)
+		}
+		if want == nil {
+			p.sink.expectBatch(t, `{"here":"Bearer k"}`)
+		}
+	}
+}
+
+// TestPollState checks that a poller restored from another's state, passed
+// through JSON, sends its validators and publishes nothing for the document
+// the other published.
+func TestPollState(t *testing.T) {
+	u := newPollUpstream(t, "")
+	u.set(`{"v":1}`, "ETag", `"v1"`, "Last-Modified", "Sun, 01 Jun 2025 12:00:00 GMT")
+	first := newPoller(u.URL)
+	if got := first.State(); !reflect.DeepEqual(got, PollState{}) {
+		t.Fatalf("state before any poll = %+v, want zero", got)
+	}
+	first.mustPoll(t)
+	first.sink.expectBatch(t, `{"v":1}`)
+	state := first.State()
+	if state.ETag != `"v1"` || state.LastModified != "Sun, 01 Jun 2025 12:00:00 GMT" || len(state.BodyHash) == 0 {
+		t.Fatalf("state after a poll = %+v", state)
+	}
+	data, err := json.Marshal(state)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var restored PollState
+	if err := json.Unmarshal(data, &restored); err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(restored, state) {
+		t.Fatalf("state through JSON %s = %+v, want %+v", data, restored, state)
+	}
+
+	second := newPoller(u.URL)
+	second.Restore(restored)
+	restored.BodyHash[0]++ // the poller keeps its own copy
+	second.mustPoll(t)
+	r := u.lastRequest(t)
+	if r.Header.Get("If-None-Match") != `"v1"` || r.Header.Get("If-Modified-Since") != state.LastModified {
+		t.Fatalf("restored poller sent validators %q and %q", r.Header.Get("If-None-Match"), r.Header.Get("If-Modified-Since"))
+	}
+	second.sink.expectUnchanged(t)
+
+	// Without validators, the body hash tells the document is the same.
+	u.set(`{"v":1}`)
+	third := newPoller(u.URL)
+	third.Restore(PollState{BodyHash: state.BodyHash})
+	third.mustPoll(t)
+	third.sink.expectUnchanged(t)
+	if !reflect.DeepEqual(third.State(), PollState{BodyHash: state.BodyHash}) {
+		t.Fatalf("state after an unchanged poll = %+v", third.State())
+	}
+	u.set(`{"v":2}`)
+	third.mustPoll(t)
+	third.sink.expectBatch(t, `{"v":2}`)
 }

@@ -9,18 +9,16 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"net"
 	"net/http"
 	"net/url"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"go.uber.org/zap"
 )
-
-// LastIDPlaceholder is replaced in the URL and header values by the id of the
-// last event the feed published, URL-escaped.
-const LastIDPlaceholder = "{sse_feed.last_id}"
 
 // Sink receives what a source reads.
 type Sink interface {
@@ -46,12 +44,17 @@ type Observer interface {
 
 // Config is what both sources need to reach an upstream.
 type Config struct {
-	// URL may hold Caddy placeholders and LastIDPlaceholder.
+	// URL may hold Caddy placeholders and {sse_feed.last_id}, the id of the
+	// last event published, URL-escaped. CheckURL tells whether it will do.
 	URL string
-	// Header values may hold Caddy placeholders and LastIDPlaceholder.
+	// Header values may hold Caddy placeholders and {sse_feed.last_id}.
 	Header http.Header
 	// Timeout bounds a poll request, or a tail request until its headers.
 	Timeout time.Duration
+	// ReadTimeout bounds the silence of a tailed stream: when no byte
+	// arrives for this long, the connection is dropped, counted as a read
+	// error and made again. Zero waits forever.
+	ReadTimeout time.Duration
 	// MaxBody bounds a polled body or one NDJSON line, in bytes.
 	MaxBody int64
 	// Backoff paces retries after failures.
@@ -69,19 +72,20 @@ const (
 	ReasonRead        = "read"
 )
 
-// errRedirect refuses a redirect to another host, so that headers meant for
-// the configured upstream, such as API keys, never leave it.
-var errRedirect = errors.New("redirect to another host refused")
+// errRedirect refuses a redirect off the configured origin, so that headers
+// meant for the upstream, such as API keys, never reach another server nor
+// cross the network in clear.
+var errRedirect = errors.New("redirect off the upstream's scheme, host and port refused")
 
 // newClient returns an HTTP client for one source. Redirects are followed
-// within the upstream's host only.
+// within the upstream's origin only.
 func newClient(headerTimeout time.Duration) *http.Client {
 	transport := http.DefaultTransport.(*http.Transport).Clone()
 	transport.ResponseHeaderTimeout = headerTimeout
 	return &http.Client{
 		Transport: transport,
 		CheckRedirect: func(req *http.Request, via []*http.Request) error {
-			if req.URL.Host != via[0].URL.Host {
+			if origin(req.URL) != origin(via[0].URL) {
 				return errRedirect
 			}
 			if len(via) >= 10 {
@@ -90,6 +94,63 @@ func newClient(headerTimeout time.Duration) *http.Client {
 			return nil
 		},
 	}
+}
+
+// origin returns the scheme and host:port of u, the port made explicit
+// where it is the scheme's default: https://h and https://h:443 are one
+// origin, https://h and http://h are two.
+func origin(u *url.URL) string {
+	port := u.Port()
+	if port == "" {
+		switch u.Scheme {
+		case "http":
+			port = "80"
+		case "https":
+			port = "443"
+		}
+	}
+	return u.Scheme + "://" + net.JoinHostPort(strings.ToLower(u.Hostname()), port)
+}
+
+// redact returns err with the URL that a *url.Error carries, the expanded
+// one which may hold secrets from placeholders, replaced by the configured
+// URL without its query, fragment and user info. Only redacted errors are
+// logged.
+func (c *Config) redact(err error) error {
+	var ue *url.Error
+	if !errors.As(err, &ue) {
+		return err
+	}
+	return &url.Error{Op: ue.Op, URL: redactURL(c.URL), Err: ue.Err}
+}
+
+// redactURL returns raw, a URL template, without its query, fragment and
+// user info.
+func redactURL(raw string) string {
+	raw, _, _ = strings.Cut(raw, "#")
+	raw, _, _ = strings.Cut(raw, "?")
+	scheme, rest := "", raw
+	if i := strings.Index(raw, "://"); i >= 0 {
+		scheme, rest = raw[:i+3], raw[i+3:]
+	}
+	authority, path := rest, ""
+	if i := strings.IndexByte(rest, '/'); i >= 0 {
+		authority, path = rest[:i], rest[i:]
+	}
+	if i := strings.LastIndexByte(authority, '@'); i >= 0 {
+		authority = authority[i+1:]
+	}
+	return scheme + authority + path
+}
+
+// failed records a request that failed for reason, unless ctx has ended: a
+// source stopped mid-request is no fault of the upstream's.
+func (c *Config) failed(ctx context.Context, reason string) {
+	if ctx.Err() != nil {
+		return
+	}
+	c.Observer.UpstreamRequest("error")
+	c.Observer.UpstreamError(reason)
 }
 
 // newRequest builds the upstream GET, replacing placeholders in the URL and

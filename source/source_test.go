@@ -5,8 +5,11 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
+	"net"
 	"net/http"
+	"net/http/httptest"
 	"net/url"
 	"slices"
 	"strings"
@@ -16,6 +19,10 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
+
+	"github.com/ssefeed/caddy-ssefeed/internal/ssetest"
 )
 
 // fakeObserver records what a source reports.
@@ -48,8 +55,9 @@ func (o *fakeObserver) calls() (requests, errors []string) {
 type fakeSink struct {
 	batches chan []string
 
-	mu     sync.Mutex
-	lastID string
+	mu        sync.Mutex
+	lastID    string
+	unchanged int // empty batches published
 }
 
 func newFakeSink() *fakeSink {
@@ -58,7 +66,10 @@ func newFakeSink() *fakeSink {
 
 func (s *fakeSink) Publish(values []json.RawMessage) {
 	if len(values) == 0 {
-		return // an unchanged poll: nothing to record
+		s.mu.Lock()
+		s.unchanged++
+		s.mu.Unlock()
+		return
 	}
 	batch := make([]string, len(values))
 	for i, v := range values {
@@ -98,6 +109,19 @@ func (s *fakeSink) expectBatch(t *testing.T, want ...string) {
 	if got := s.next(t); !slices.Equal(got, want) {
 		t.Fatalf("published %q, want %q", got, want)
 	}
+}
+
+// expectUnchanged fails the test unless exactly one empty batch, and no
+// other, was published since the last call.
+func (s *fakeSink) expectUnchanged(t *testing.T) {
+	t.Helper()
+	s.expectNothing(t)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.unchanged != 1 {
+		t.Fatalf("published %d empty batches, want 1", s.unchanged)
+	}
+	s.unchanged = 0
 }
 
 // expectNothing fails the test if anything was published.
@@ -160,9 +184,15 @@ func TestLineReader(t *testing.T) {
 		{"empty lines", "\n\n{}\n\n", 8, []string{"", "", "{}", ""}, 0},
 		{"white space trimmed", " \t{} \t\n", 8, []string{"{}"}, 0},
 		{"line at max", "12345678\n", 8, []string{"12345678"}, 0},
+		{"line at max with CRLF", "12345678\r\n", 8, []string{"12345678"}, 0},
 		{"line over max skipped", "123456789\n[2]\n", 8, []string{"[2]"}, 1},
+		{"line over max with CRLF skipped", "123456789\r\n[2]\r\n", 8, []string{"[2]"}, 1},
+		{"CR inside a line counts", "1234567\r8\n", 8, nil, 1},
+		{"CRLF split by the buffer", strings.Repeat("x", 64<<10-1) + "\r\n[1]\n", 64<<10 - 1, []string{strings.Repeat("x", 64<<10-1), "[1]"}, 0},
+		{"CR split from a longer line by the buffer", strings.Repeat("x", 64<<10-1) + "\rx\n[1]\n", 64<<10 - 1, []string{"[1]"}, 1},
 		{"unterminated line at max", "{}\n12345678", 8, []string{"{}", "12345678"}, 0},
 		{"unterminated line over max", "{}\n123456789", 8, []string{"{}"}, 1},
+		{"unterminated line at max with CR", "{}\n12345678\r", 8, []string{"{}", "12345678"}, 0},
 		{"long line never ends", "[1]\n" + strings.Repeat("x", 200<<10), 1 << 10, []string{"[1]"}, 1},
 		{"long line over the buffer then a line", strings.Repeat("x", 200<<10) + "\n[3]\n", 1 << 10, []string{"[3]"}, 1},
 		{"empty input", "", 8, nil, 0},
@@ -172,7 +202,7 @@ func TestLineReader(t *testing.T) {
 			for _, r := range []io.Reader{strings.NewReader(tt.input), iotest.OneByteReader(strings.NewReader(tt.input))} {
 				lines, tooLong := readLines(t, r, tt.max)
 				if !slices.Equal(lines, tt.lines) || tooLong != tt.tooLong {
-					t.Errorf("got %q and %d too long, want %q and %d", lines, tooLong, tt.lines, tt.tooLong)
+					t.Errorf("got %.80q and %d too long, want %.80q and %d", lines, tooLong, tt.lines, tt.tooLong)
 				}
 			}
 		})
@@ -193,7 +223,7 @@ func TestLineBuffered(t *testing.T) {
 
 // FuzzLineReader checks the LineReader against a plain split of the input:
 // it never panics, never returns a line over max, and returns exactly the
-// trimmed lines that fit, in order.
+// trimmed lines that fit without their line break, in order.
 func FuzzLineReader(f *testing.F) {
 	f.Add([]byte("{}\n[1]\r\n\n  \"x\"  \n"), uint8(4))
 	f.Add([]byte("12345\n123\n1234"), uint8(4))
@@ -208,7 +238,7 @@ func FuzzLineReader(f *testing.F) {
 			pieces = pieces[:len(pieces)-1] // the input ends with LF, or is empty
 		}
 		for _, p := range pieces {
-			if int64(len(p)) > max {
+			if int64(len(bytes.TrimSuffix(p, []byte("\r")))) > max {
 				wantTooLong++
 			} else {
 				want = append(want, string(bytes.TrimSpace(p)))
@@ -340,4 +370,194 @@ func FuzzRetryAfter(f *testing.F) {
 			t.Fatalf("Delay with Retry-After %q = %v", value, d)
 		}
 	})
+}
+
+func TestRedirectStaysOnOrigin(t *testing.T) {
+	tests := []struct {
+		from, to string
+		follow   bool
+	}{
+		{"https://h/a", "https://h/b", true},
+		{"https://h/a", "https://h:443/b", true},
+		{"http://h:80/a", "http://h/b", true},
+		{"https://H.example/a", "https://h.EXAMPLE/b", true},
+		{"http://[::1]/a", "http://[::1]:80/b", true},
+		{"https://h/a", "http://h/b", false},
+		{"https://h/a", "http://h:443/b", false},
+		{"https://h:8443/a", "http://h:8443/b", false},
+		{"http://h/a", "https://h/b", false},
+		{"https://h/a", "https://h:8443/b", false},
+		{"https://h/a", "https://other/b", false},
+		{"https://h/a", "https://h.other/b", false},
+	}
+	client := newClient(0)
+	for _, tt := range tests {
+		from := httptest.NewRequest(http.MethodGet, tt.from, nil)
+		to := httptest.NewRequest(http.MethodGet, tt.to, nil)
+		err := client.CheckRedirect(to, []*http.Request{from})
+		if tt.follow && err != nil || !tt.follow && !errors.Is(err, errRedirect) {
+			t.Errorf("redirect from %s to %s: %v, want followed %v", tt.from, tt.to, err, tt.follow)
+		}
+	}
+}
+
+func TestRedactURL(t *testing.T) {
+	tests := []struct{ raw, want string }{
+		{"https://api.example/items", "https://api.example/items"},
+		{"https://api.example/items?key={env.KEY}&since={sse_feed.last_id}", "https://api.example/items"},
+		{"https://user:{env.PASS}@api.example:8443/a/{env.ID}#frag", "https://api.example:8443/a/{env.ID}"},
+		{"https://a@b@api.example", "https://api.example"},
+		{"https://api.example?key=k", "https://api.example"},
+		{"not-a-url?key=k", "not-a-url"},
+		{"user:pass@host/x", "host/x"},
+	}
+	for _, tt := range tests {
+		if got := redactURL(tt.raw); got != tt.want {
+			t.Errorf("redactURL(%q) = %q, want %q", tt.raw, got, tt.want)
+		}
+	}
+}
+
+// runner is what Poll and Tail have in common.
+type runner interface {
+	Run(ctx context.Context, sink Sink)
+}
+
+// start runs src into sink until the returned stop is called or the test
+// ends. stop ends the run and waits for Run to return.
+func start(t *testing.T, src runner, sink Sink) (stop func()) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		src.Run(ctx, sink)
+	}()
+	stop = func() {
+		cancel()
+		select {
+		case <-done:
+		case <-time.After(5 * time.Second):
+			t.Error("Run did not return after its context ended")
+		}
+	}
+	t.Cleanup(stop)
+	return stop
+}
+
+// kinds names the sources for newSource.
+var kinds = []string{"poll", "tail"}
+
+// newSource returns a Tail of c, or a Poll of c that waits an hour between
+// polls.
+func newSource(kind string, c Config) runner {
+	if kind == "poll" {
+		return &Poll{Config: c, Interval: time.Hour}
+	}
+	return &Tail{Config: c}
+}
+
+// TestSecretsNeverLogged checks that a secret expanded into the URL's path
+// or query from the environment appears in no logged message or field,
+// whether the upstream cannot be reached or redirects elsewhere with the
+// secret in the new URL.
+func TestSecretsNeverLogged(t *testing.T) {
+	const secret = "s3cr3t-t0k3n"
+	t.Setenv("SSEFEED_TEST_TOKEN", secret)
+	const template = "/feed/{env.SSEFEED_TEST_TOKEN}?key={env.SSEFEED_TEST_TOKEN}"
+	elsewhere := httptest.NewServer(http.NotFoundHandler())
+	defer elsewhere.Close()
+	redirecting := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		http.Redirect(w, r, elsewhere.URL+r.URL.RequestURI(), http.StatusFound)
+	}))
+	defer redirecting.Close()
+	upstreams := map[string]string{"unreachable": ssetest.ClosedURL(t), "redirect": redirecting.URL}
+
+	for upstream, base := range upstreams {
+		for _, kind := range kinds {
+			t.Run(upstream+" "+kind, func(t *testing.T) {
+				core, logs := observer.New(zapcore.DebugLevel)
+				c := testConfig(base+template, &fakeObserver{})
+				c.Header.Set("Authorization", "Bearer {env.SSEFEED_TEST_TOKEN}")
+				c.Logger = zap.New(core)
+				stop := start(t, newSource(kind, c), newFakeSink())
+				waitFor(t, func() bool { return logs.FilterMessageSnippet("failed").Len() > 0 })
+				stop()
+				for _, entry := range logs.All() {
+					fields := fmt.Sprint(entry.ContextMap())
+					if strings.Contains(entry.Message+fields, secret) {
+						t.Errorf("logged the secret: %s %s", entry.Message, fields)
+					}
+					if !strings.Contains(fields, redactURL(base+template)) {
+						t.Errorf("logged no redacted URL: %s %s", entry.Message, fields)
+					}
+				}
+			})
+		}
+	}
+}
+
+// TestStopIsNoFault checks that a source stopped in the middle of a request
+// or a stream counts no upstream error.
+func TestStopIsNoFault(t *testing.T) {
+	awaiting := func(_ int, w http.ResponseWriter, r *http.Request) { hang(w, r) }
+	tests := []struct {
+		name, kind string
+		respond    func(n int, w http.ResponseWriter, r *http.Request)
+		requests   []string
+	}{
+		{"poll awaiting an answer", "poll", awaiting, nil},
+		{"tail awaiting headers", "tail", awaiting, nil},
+		{"tail streaming", "tail", streamFrom(nil), []string{"ok"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			u := newTailUpstream(t, tt.respond)
+			obs := &fakeObserver{}
+			stop := start(t, newSource(tt.kind, testConfig(u.URL, obs)), newFakeSink())
+			waitFor(t, func() bool { u.mu.Lock(); defer u.mu.Unlock(); return len(u.requests) == 1 })
+			if tt.requests != nil {
+				waitFor(t, func() bool { requests, _ := obs.calls(); return len(requests) > 0 })
+			}
+			stop()
+			requests, errs := obs.calls()
+			if !slices.Equal(requests, tt.requests) || len(errs) != 0 {
+				t.Errorf("observed requests %q and errors %q, want %q and none", requests, errs, tt.requests)
+			}
+		})
+	}
+}
+
+// TestStopClosesConnections checks that the upstream sees its connection
+// closed as soon as Run returns, not after the client's idle timeout:
+// both sources stop while waiting to make the next request, their
+// connection idle and ready for reuse.
+func TestStopClosesConnections(t *testing.T) {
+	closed := make(chan struct{}, 10)
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Write([]byte("[1]")) // a document, or a stream of one line that ends
+	}))
+	srv.Config.ConnState = func(_ net.Conn, state http.ConnState) {
+		if state == http.StateClosed {
+			closed <- struct{}{}
+		}
+	}
+	srv.Start()
+	defer srv.Close()
+
+	c := testConfig(srv.URL, &fakeObserver{})
+	c.Backoff = Backoff{Initial: time.Hour, Max: time.Hour}
+	for _, kind := range kinds {
+		t.Run(kind, func(t *testing.T) {
+			sink := newFakeSink()
+			stop := start(t, newSource(kind, c), sink)
+			sink.expectBatch(t, "[1]")
+			stop()
+			select {
+			case <-closed:
+			case <-time.After(5 * time.Second):
+				t.Fatal("the upstream's connection still open 5s after Run returned")
+			}
+		})
+	}
 }

@@ -6,6 +6,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"time"
@@ -22,9 +23,13 @@ type Tail struct {
 // errLineTooLong marks a line over MaxBody, which is skipped.
 var errLineTooLong = errors.New("line over max_body")
 
+// errIdle ends a stream that sent nothing for ReadTimeout.
+var errIdle = errors.New("upstream sent nothing within read_timeout")
+
 // Run tails the upstream until ctx ends.
 func (t *Tail) Run(ctx context.Context, sink Sink) {
 	client := newClient(t.Timeout)
+	defer client.CloseIdleConnections()
 	failures := 0
 	for {
 		delivered, err := t.stream(ctx, client, sink)
@@ -38,7 +43,7 @@ func (t *Tail) Run(ctx context.Context, sink Sink) {
 		delay := t.Backoff.Delay(failures, retryAfterOf(err))
 		if err != nil {
 			t.Logger.Warn("tail failed; reconnecting",
-				zap.Error(err), zap.Int("failures", failures), zap.Duration("retry_in", delay))
+				zap.Error(t.redact(err)), zap.Int("failures", failures), zap.Duration("retry_in", delay))
 		} else {
 			t.Logger.Debug("upstream ended the stream; reconnecting", zap.Duration("retry_in", delay))
 		}
@@ -52,26 +57,32 @@ func (t *Tail) Run(ctx context.Context, sink Sink) {
 // It reports whether any line was published, and the error that ended it,
 // which is nil for a clean end of stream.
 func (t *Tail) stream(ctx context.Context, client *http.Client, sink Sink) (bool, error) {
-	req, err := t.newRequest(ctx, sink.LastID())
+	reqCtx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	req, err := t.newRequest(reqCtx, sink.LastID())
 	if err != nil {
 		t.Observer.UpstreamError(ReasonConnect)
 		return false, err
 	}
 	resp, err := client.Do(req)
 	if err != nil {
-		t.Observer.UpstreamRequest("error")
-		t.Observer.UpstreamError(ReasonConnect)
+		t.failed(ctx, ReasonConnect)
 		return false, err
 	}
 	defer resp.Body.Close()
 	if err := checkStatus(resp, time.Now()); err != nil {
-		t.Observer.UpstreamRequest("error")
-		t.Observer.UpstreamError(ReasonStatus)
+		t.failed(ctx, ReasonStatus)
 		return false, err
 	}
 	t.Observer.UpstreamRequest("ok")
 
-	lines := NewLineReader(resp.Body, t.MaxBody)
+	var body io.Reader = resp.Body
+	if t.ReadTimeout > 0 {
+		idle := newIdleReader(resp.Body, t.ReadTimeout, func() { cancel(errIdle) })
+		defer idle.stop()
+		body = idle
+	}
+	lines := NewLineReader(body, t.MaxBody)
 	delivered := false
 	var batch []json.RawMessage
 	for {
@@ -88,7 +99,12 @@ func (t *Tail) stream(ctx context.Context, client *http.Client, sink Sink) (bool
 			if errors.Is(err, io.EOF) {
 				return delivered, nil
 			}
-			t.Observer.UpstreamError(ReasonRead)
+			if ctx.Err() == nil {
+				t.Observer.UpstreamError(ReasonRead)
+			}
+			if errors.Is(context.Cause(reqCtx), errIdle) {
+				err = fmt.Errorf("%w (%v)", errIdle, t.ReadTimeout)
+			}
 			return delivered, err
 		case len(line) == 0:
 		case json.Valid(line):
@@ -108,8 +124,33 @@ func (t *Tail) stream(ctx context.Context, client *http.Client, sink Sink) (bool
 	}
 }
 
-// LineReader splits NDJSON into lines of at most a given length. Lines end
-// with LF; a CR before it and surrounding white space are trimmed.
+// idleReader calls a function when no byte arrives for a while.
+type idleReader struct {
+	r       io.Reader
+	timeout time.Duration
+	timer   *time.Timer
+}
+
+// newIdleReader returns a reader of r that calls onIdle, from its own
+// goroutine, when timeout passes without a byte read.
+func newIdleReader(r io.Reader, timeout time.Duration, onIdle func()) *idleReader {
+	return &idleReader{r: r, timeout: timeout, timer: time.AfterFunc(timeout, onIdle)}
+}
+
+func (ir *idleReader) Read(p []byte) (int, error) {
+	n, err := ir.r.Read(p)
+	if n > 0 {
+		ir.timer.Reset(ir.timeout)
+	}
+	return n, err
+}
+
+// stop ends the watch.
+func (ir *idleReader) stop() { ir.timer.Stop() }
+
+// LineReader splits NDJSON into lines of at most a given length, not
+// counting the LF or CRLF that ends each (or a CR that ends the input).
+// Lines are returned without their surrounding white space.
 type LineReader struct {
 	r   *bufio.Reader
 	max int64
@@ -130,14 +171,12 @@ func (lr *LineReader) Next() ([]byte, error) {
 	for {
 		chunk, err := lr.r.ReadSlice('\n')
 		if !tooLong {
-			n := len(line) + len(chunk)
-			if err == nil {
-				n-- // the LF ends the line and is not part of it
-			}
-			if int64(n) > lr.max {
+			line = append(line, chunk...)
+			// Neither the LF nor a CR before it counts. A CR at the end of
+			// a chunk may be the first half of a CRLF still to come.
+			content := bytes.TrimSuffix(bytes.TrimSuffix(line, []byte("\n")), []byte("\r"))
+			if int64(len(content)) > lr.max {
 				tooLong, line = true, nil
-			} else {
-				line = append(line, chunk...)
 			}
 		}
 		switch {

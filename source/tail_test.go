@@ -2,13 +2,20 @@ package source
 
 import (
 	"context"
+	"errors"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"slices"
 	"strings"
 	"sync"
 	"testing"
+	"testing/synctest"
 	"time"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
 )
 
 // tailUpstream answers request number n (from 0) with respond(n, w, r) and
@@ -81,20 +88,7 @@ func runTail(t *testing.T, url string, sink *fakeSink, configure func(*Config)) 
 	if configure != nil {
 		configure(&tail.Config)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		tail.Run(ctx, sink)
-	}()
-	t.Cleanup(func() {
-		cancel()
-		select {
-		case <-done:
-		case <-time.After(5 * time.Second):
-			t.Error("Run did not return after its context ended")
-		}
-	})
+	start(t, tail, sink)
 	return obs
 }
 
@@ -264,5 +258,76 @@ func waitFor(t *testing.T, cond func() bool) {
 			t.Fatal("condition not met within 5s")
 		}
 		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// TestIdleReader checks that a reader gone silent for the timeout is
+// abandoned, and one that keeps sending, however slowly, is not.
+func TestIdleReader(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		pr, pw := io.Pipe()
+		idle := newIdleReader(pr, time.Minute, func() { pw.CloseWithError(errIdle) })
+		defer idle.stop()
+		ended := make(chan error, 1)
+		go func() {
+			_, err := io.Copy(io.Discard, idle)
+			ended <- err
+		}()
+		expectEnded := func(want bool) {
+			t.Helper()
+			synctest.Wait()
+			select {
+			case err := <-ended:
+				if !want || !errors.Is(err, errIdle) {
+					t.Fatalf("read ended with %v at %v", err, time.Now())
+				}
+			default:
+				if want {
+					t.Fatalf("read still going at %v", time.Now())
+				}
+			}
+		}
+
+		for range 5 {
+			time.Sleep(time.Minute - time.Nanosecond)
+			pw.Write([]byte("x"))
+		}
+		expectEnded(false)
+		time.Sleep(time.Minute - time.Nanosecond)
+		expectEnded(false)
+		time.Sleep(time.Nanosecond)
+		expectEnded(true)
+	})
+}
+
+// TestTailReadTimeout checks that a stream stalled in the middle of a line
+// is dropped after the read timeout, counted, logged and made again, and
+// that the partial line is not published.
+func TestTailReadTimeout(t *testing.T) {
+	u := newTailUpstream(t, func(n int, w http.ResponseWriter, r *http.Request) {
+		if n == 0 {
+			w.Write([]byte("[1]\n[2"))
+		} else {
+			w.Write([]byte("[3]\n"))
+		}
+		http.NewResponseController(w).Flush()
+		hang(w, r)
+	})
+	sink := newFakeSink()
+	core, logs := observer.New(zapcore.WarnLevel)
+	obs := runTail(t, u.URL, sink, func(c *Config) {
+		c.ReadTimeout = 100 * time.Millisecond
+		c.Logger = zap.New(core)
+	})
+
+	sink.expectBatch(t, "[1]")
+	sink.expectBatch(t, "[3]")
+	requests, errs := obs.calls()
+	if !slices.Equal(requests, []string{"ok", "ok"}) || !slices.Equal(errs, []string{ReasonRead}) {
+		t.Errorf("observed requests %q and errors %q, want two ok and one %q", requests, errs, ReasonRead)
+	}
+	warnings := logs.FilterMessage("tail failed; reconnecting").All()
+	if len(warnings) != 1 || !strings.Contains(warnings[0].ContextMap()["error"].(string), "read_timeout (100ms)") {
+		t.Errorf("warnings %v, want one of the read timeout", warnings)
 	}
 }
