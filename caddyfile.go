@@ -10,6 +10,7 @@ import (
 	"github.com/dustin/go-humanize"
 
 	"github.com/ssefeed/caddy-ssefeed/pointer"
+	"github.com/ssefeed/caddy-ssefeed/source"
 )
 
 func init() {
@@ -38,6 +39,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		order oldest_first|newest_first
 //		header <name> <value>
 //		timeout <duration>
+//		read_timeout <duration>
 //		max_body <size>
 //		retry <duration>
 //		heartbeat <duration>|off
@@ -51,7 +53,8 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		linger <duration>
 //	}
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
-	d.Next() // the directive's name
+	d.Next()        // the directive's name
+	directive := *d // errors about the whole block name its line
 	if d.NextArg() {
 		return d.ArgErr()
 	}
@@ -64,9 +67,9 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	}
 	switch {
 	case h.Poll == "" && h.Tail == "":
-		return d.Err("sse_feed needs a source: poll <url> [<interval>] or tail <url>")
+		return directive.Err("sse_feed needs a source: poll <url> [<interval>] or tail <url>")
 	case h.Tail != "" && h.Items != "":
-		return d.Err("items applies to poll; each tailed line is already one element")
+		return directive.Err("items applies to poll; each tailed line is already one element")
 	}
 	return nil
 }
@@ -84,15 +87,15 @@ func (h *Handler) setOption(d *caddyfile.Dispenser, option string, args []string
 		if h.Poll != "" || h.Tail != "" {
 			return d.Errf("%s: a feed has exactly one source, poll or tail", option)
 		}
+		if err := wantArgs(1, map[string]int{"poll": 2, "tail": 1}[option]); err != nil {
+			return err
+		}
+		if err := source.CheckURL(args[0]); err != nil {
+			return d.Errf("%s: %v", option, err)
+		}
 		if option == "tail" {
-			if err := wantArgs(1, 1); err != nil {
-				return err
-			}
 			h.Tail = args[0]
 			return nil
-		}
-		if err := wantArgs(1, 2); err != nil {
-			return err
 		}
 		h.Poll = args[0]
 		if len(args) == 2 {
@@ -130,11 +133,11 @@ func (h *Handler) setOption(d *caddyfile.Dispenser, option string, args []string
 			h.Header = make(map[string][]string)
 		}
 		h.Header[args[0]] = append(h.Header[args[0]], args[1])
-	case "timeout", "retry", "linger":
+	case "timeout", "read_timeout", "retry", "linger":
 		if err := wantArgs(1, 1); err != nil {
 			return err
 		}
-		return parseDuration(d, option, args[0], map[string]*caddy.Duration{"timeout": &h.Timeout, "retry": &h.Retry, "linger": &h.Linger}[option])
+		return parseDuration(d, option, args[0], map[string]*caddy.Duration{"timeout": &h.Timeout, "read_timeout": &h.ReadTimeout, "retry": &h.Retry, "linger": &h.Linger}[option])
 	case "heartbeat":
 		if err := wantArgs(1, 1); err != nil {
 			return err

@@ -37,6 +37,7 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			header X-Multi a
 			header X-Multi b
 			timeout 3s
+			read_timeout 5m
 			max_body 512KiB
 			retry 2s
 			heartbeat 30s
@@ -53,7 +54,7 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 				Poll: "http://127.0.0.1:9/items?since={sse_feed.last_id}", Items: "/data/items",
 				ID: "/id", Type: "/kind", Event: "update", Data: "/body", Order: "newest_first",
 				Header:  map[string][]string{"Authorization": {"Bearer {env.TOKEN}"}, "X-Multi": {"a", "b"}},
-				Timeout: caddy.Duration(3 * time.Second), MaxBody: 512 << 10,
+				Timeout: caddy.Duration(3 * time.Second), ReadTimeout: caddy.Duration(5 * time.Minute), MaxBody: 512 << 10,
 				Replay: 50, ReplayMaxAge: caddy.Duration(10 * time.Minute), ReplayBytes: 1 << 20,
 				Name: "orders", Linger: caddy.Duration(time.Minute),
 			},
@@ -100,7 +101,9 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		reason string
 	}{
 		{"unknown subdirective", "sse_feed {\n\ttail http://h/s\n\tbogus 1\n}", 3, `unknown subdirective "bogus"`},
-		{"no source", "sse_feed {\n\tid /id\n}", 3, "needs a source"},
+		{"no source", "sse_feed {\n\tid /id\n}", 1, "needs a source"},
+		{"ftp", "sse_feed {\n\tpoll ftp://h/d\n}", 2, `poll: url scheme "ftp" is not supported`},
+		{"not a url", "sse_feed {\n\ttail not-a-url\n}", 2, "tail: url must start with http:// or https://"},
 		{"empty block", "sse_feed", 1, "needs a source"},
 		{"two sources", "sse_feed {\n\ttail http://h/s\n\tpoll http://h/d\n}", 3, "exactly one source"},
 		{"two tails", "sse_feed {\n\ttail http://h/s\n\ttail http://h/t\n}", 3, "exactly one source"},
@@ -122,7 +125,8 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		{"extra poll argument", "sse_feed {\n\tpoll http://h/d 1s 2s\n}", 2, "wrong argument count"},
 		{"argument after directive", "sse_feed extra {\n\ttail http://h/s\n}", 1, "wrong argument count"},
 		{"order value", "sse_feed {\n\tpoll http://h/d\n\titems /i\n\torder random\n}", 4, `order: want oldest_first or newest_first, got "random"`},
-		{"items with tail", "sse_feed {\n\ttail http://h/s\n\titems /i\n}", 4, "items applies to poll"},
+		{"items with tail", "sse_feed {\n\ttail http://h/s\n\titems /i\n}", 1, "items applies to poll"},
+		{"bad read timeout", "sse_feed {\n\ttail http://h/s\n\tread_timeout never\n}", 3, `read_timeout: "never" is not a positive duration`},
 		{"event with a line break", "sse_feed {\n\ttail http://h/s\n\tevent \"a\nb\"\n}", 3, "event: must be one line"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

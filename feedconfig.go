@@ -60,6 +60,9 @@ type FeedConfig struct {
 	// MaxBody bounds a polled body or one NDJSON line, in bytes; larger ones
 	// are skipped. Default: 8 MiB.
 	MaxBody int64 `json:"max_body,omitempty"`
+	// ReadTimeout bounds how long a tailed stream may send nothing, not
+	// even a blank line, before it is dropped and reconnected. Default: 2m.
+	ReadTimeout caddy.Duration `json:"read_timeout,omitempty"`
 
 	// Replay is the most events the replay log keeps. Default: 1000.
 	Replay int `json:"replay,omitempty"`
@@ -87,6 +90,9 @@ func (c *FeedConfig) applyDefaults() {
 	}
 	if c.MaxBody == 0 {
 		c.MaxBody = defaultMaxBody
+	}
+	if c.ReadTimeout == 0 {
+		c.ReadTimeout = caddy.Duration(defaultReadTimeout)
 	}
 	if c.Replay == 0 {
 		c.Replay = defaultReplay
@@ -126,11 +132,16 @@ func (c *FeedConfig) validate() error {
 		return fmt.Errorf("no source: set poll or tail")
 	case c.Poll != "" && c.Tail != "":
 		return fmt.Errorf("two sources: set poll or tail, not both")
+	}
+	if err := source.CheckURL(c.Poll + c.Tail); err != nil {
+		return err
+	}
+	switch {
 	case c.Tail != "" && c.Items != "":
 		return fmt.Errorf("items applies to poll; each tailed line is already one element")
 	case c.Order != "" && c.Order != "oldest_first" && c.Order != "newest_first":
 		return fmt.Errorf("order must be oldest_first or newest_first, not %q", c.Order)
-	case c.Interval < 0, c.Timeout < 0, c.ReplayMaxAge < 0, c.Linger < 0:
+	case c.Interval < 0, c.Timeout < 0, c.ReadTimeout < 0, c.ReplayMaxAge < 0, c.Linger < 0:
 		return fmt.Errorf("durations must not be negative")
 	case c.MaxBody < 0, c.Replay < 0, c.ReplayBytes < 0:
 		return fmt.Errorf("sizes and counts must not be negative")
@@ -184,13 +195,14 @@ func (c *FeedConfig) limits() replay.Limits {
 // observer.
 func (c *FeedConfig) newSource(observer source.Observer, logger *zap.Logger) reader {
 	cfg := source.Config{
-		URL:      c.Poll + c.Tail,
-		Header:   c.Header,
-		Timeout:  time.Duration(c.Timeout),
-		MaxBody:  c.MaxBody,
-		Backoff:  source.Backoff{Initial: time.Second, Max: time.Minute},
-		Logger:   logger,
-		Observer: observer,
+		URL:         c.Poll + c.Tail,
+		Header:      c.Header,
+		Timeout:     time.Duration(c.Timeout),
+		ReadTimeout: time.Duration(c.ReadTimeout),
+		MaxBody:     c.MaxBody,
+		Backoff:     source.Backoff{Initial: time.Second, Max: time.Minute},
+		Logger:      logger,
+		Observer:    observer,
 	}
 	if c.kind() == tailFeed {
 		return &source.Tail{Config: cfg}

@@ -27,6 +27,7 @@ const (
 	defaultInterval    = 2 * time.Second
 	defaultTimeout     = 10 * time.Second
 	defaultMaxBody     = 8 << 20
+	defaultReadTimeout = 2 * time.Minute
 	defaultHeartbeat   = 15 * time.Second
 	defaultReplay      = 1000
 	defaultReplayBytes = 16 << 20
