@@ -1,10 +1,13 @@
 package rediscluster
 
 import (
+	"context"
+	"fmt"
 	"sync"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/redis/go-redis/v9"
+	"go.uber.org/zap"
 )
 
 // conns holds one connection per Redis address, shared by every cluster
@@ -65,4 +68,20 @@ func (c *conn) Destruct() error {
 		return c.rdb.Close()
 	}
 	return nil
+}
+
+// redirectLog sends go-redis's own log lines, which are global to the
+// process, to Caddy's log instead of stderr.
+var redirectLog sync.Once
+
+// goRedisLog writes go-redis's log lines, mostly about failing to
+// reconnect, at debug level: the cluster logs and counts store errors
+// itself, and Redis down must not flood the log.
+type goRedisLog struct{}
+
+func (goRedisLog) Printf(_ context.Context, format string, args ...any) {
+	logger := caddy.Log().Named("sse_feed.cluster.redis")
+	if logger.Core().Enabled(zap.DebugLevel) {
+		logger.Debug(fmt.Sprintf(format, args...))
+	}
 }

@@ -81,6 +81,7 @@ func (c *Cluster) Provision(caddy.Context) error {
 	options.ContextTimeoutEnabled = true
 	c.options = options
 	c.poolKey = c.Address
+	redirectLog.Do(func() { redis.SetLogger(goRedisLog{}) })
 	_, _, err = conns.LoadOrNew(c.poolKey, c.newConn)
 	return err
 }
