@@ -91,6 +91,7 @@ func (r *Redis) Stop() {
 		return
 	}
 	_ = r.cmd.Process.Signal(syscall.SIGTERM)
+	_ = r.cmd.Process.Signal(syscall.SIGCONT) // in case it is paused
 	_ = r.cmd.Wait()
 	r.cmd = nil
 	_ = os.Remove(r.Socket())
@@ -102,4 +103,21 @@ func (r *Redis) Restart() {
 	r.t.Helper()
 	r.Stop()
 	r.Start()
+}
+
+// Pause stops the server's process without ending it, as a network
+// partition or a stalled host would: connections stay open, commands wait.
+func (r *Redis) Pause() {
+	r.t.Helper()
+	if err := r.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		r.t.Fatalf("pause redis-server: %v", err)
+	}
+}
+
+// Resume lets a paused server run again, with its data.
+func (r *Redis) Resume() {
+	r.t.Helper()
+	if err := r.cmd.Process.Signal(syscall.SIGCONT); err != nil {
+		r.t.Fatalf("resume redis-server: %v", err)
+	}
 }
