@@ -90,13 +90,16 @@ func (c *Cluster) newConn() (caddy.Destructor, error) {
 	return &conn{options: c.options}, nil
 }
 
+// minLease is the shortest lease: it is renewed every third of it.
+const minLease = 100 * time.Millisecond
+
 // Validate checks the key prefix and the lease.
 func (c *Cluster) Validate() error {
 	if strings.ContainsAny(c.KeyPrefix, "{}") {
 		return errors.New("key_prefix must not contain { or }: they choose the Redis hash slot")
 	}
-	if time.Duration(c.Lease) < time.Millisecond {
-		return errors.New("lease must be at least 1ms")
+	if time.Duration(c.Lease) < minLease {
+		return fmt.Errorf("lease must be at least %v", minLease)
 	}
 	return nil
 }

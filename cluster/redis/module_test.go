@@ -84,7 +84,7 @@ func TestProvisionSetsDefaultsAndValidates(t *testing.T) {
 		{name: "scheme", cluster: Cluster{Address: "http://localhost"}, err: "address: redis: invalid URL scheme: http"},
 		{name: "db", cluster: Cluster{Address: "redis://localhost/x"}, err: `address: redis: invalid database number: "x"`},
 		{name: "braces", cluster: Cluster{KeyPrefix: "a{b}"}, err: "key_prefix must not contain { or }: they choose the Redis hash slot"},
-		{name: "lease", cluster: Cluster{Lease: caddy.Duration(time.Microsecond)}, err: "lease must be at least 1ms"},
+		{name: "lease", cluster: Cluster{Lease: caddy.Duration(99 * time.Millisecond)}, err: "lease must be at least 100ms"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			clustertest.CheckGoroutines(t)
