@@ -70,13 +70,12 @@ func (l *Leader) lead(ctx context.Context, holder string, m Meta, run func(conte
 		defer close(done)
 		run(runCtx, m)
 	}()
-	stop := func(msg string, release bool) {
+	end := func(release bool) {
 		cancel()
 		<-done
 		if release {
 			l.release(ctx, holder, m.Term)
 		}
-		logger.Info(msg)
 		l.leaseChange(false)
 	}
 
@@ -91,15 +90,18 @@ func (l *Leader) lead(ctx context.Context, holder string, m Meta, run func(conte
 		}
 		switch {
 		case ctx.Err() != nil:
-			stop("lease released", true)
+			end(true)
+			logger.Info("lease released")
 			return
 		case isClosed(done):
-			stop("lease term ended by the reader", false)
+			end(false)
+			logger.Info("lease term ended by the reader")
 			return
 		}
 		expiry := renewed.Add(l.TTL)
 		if !time.Now().Before(expiry) {
-			stop("lease expired before it could be renewed", false)
+			end(false)
+			logger.Warn("lease expired before it could be renewed")
 			return
 		}
 		start := time.Now()
@@ -114,7 +116,8 @@ func (l *Leader) lead(ctx context.Context, holder string, m Meta, run func(conte
 			renewed = start
 			timer.Reset(jitter(period(l.TTL)))
 		case err == nil:
-			stop("lease lost", false)
+			end(false)
+			logger.Warn("lease lost")
 			return
 		default:
 			f.failed(err)

@@ -34,7 +34,8 @@ func init() {
 type Cluster struct {
 	// Address is the Redis server's URL: redis://[[user]:password@]host[:port][/db],
 	// rediss:// for TLS, or unix://[[user]:password@]/path/to/redis.sock[?db=db].
-	// Query parameters of go-redis URLs such as dial_timeout apply.
+	// Query parameters of go-redis URLs such as dial_timeout apply, and
+	// global placeholders such as {env.REDIS_URL} are replaced.
 	// Default: redis://localhost:6379
 	Address string `json:"address,omitempty"`
 
@@ -72,7 +73,8 @@ func (c *Cluster) Provision(caddy.Context) error {
 	if c.Lease == 0 {
 		c.Lease = caddy.Duration(10 * time.Second)
 	}
-	options, err := redis.ParseURL(c.Address)
+	address := caddy.NewReplacer().ReplaceAll(c.Address, "")
+	options, err := redis.ParseURL(address)
 	if err != nil {
 		return fmt.Errorf("address: %w", err)
 	}
@@ -80,7 +82,7 @@ func (c *Cluster) Provision(caddy.Context) error {
 	// before the lease does.
 	options.ContextTimeoutEnabled = true
 	c.options = options
-	c.poolKey = c.Address
+	c.poolKey = address
 	redirectLog.Do(func() { redis.SetLogger(goRedisLog{}) })
 	_, _, err = conns.LoadOrNew(c.poolKey, c.newConn)
 	return err

@@ -76,11 +76,15 @@ func TestProvisionSetsDefaultsAndValidates(t *testing.T) {
 	for _, tc := range []struct {
 		name    string
 		cluster Cluster
+		network string // of the parsed address, if no error
+		addr    string
+		tls     bool
 		err     string
 	}{
-		{name: "defaults", cluster: Cluster{}},
-		{name: "tls", cluster: Cluster{Address: "rediss://user:pw@redis.internal:6380/1"}},
-		{name: "unix", cluster: Cluster{Address: "unix:///run/redis.sock?db=2"}},
+		{name: "defaults", cluster: Cluster{}, network: "tcp", addr: "localhost:6379"},
+		{name: "tls", cluster: Cluster{Address: "rediss://user:pw@redis.internal:6380/1"}, network: "tcp", addr: "redis.internal:6380", tls: true},
+		{name: "unix", cluster: Cluster{Address: "unix:///run/redis.sock?db=2"}, network: "unix", addr: "/run/redis.sock"},
+		{name: "placeholder", cluster: Cluster{Address: "{env.SSEFEED_TEST_REDIS_URL}"}, network: "tcp", addr: "10.0.0.5:6379"},
 		{name: "scheme", cluster: Cluster{Address: "http://localhost"}, err: "address: redis: invalid URL scheme: http"},
 		{name: "db", cluster: Cluster{Address: "redis://localhost/x"}, err: `address: redis: invalid database number: "x"`},
 		{name: "braces", cluster: Cluster{KeyPrefix: "a{b}"}, err: "key_prefix must not contain { or }: they choose the Redis hash slot"},
@@ -88,6 +92,7 @@ func TestProvisionSetsDefaultsAndValidates(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			clustertest.CheckGoroutines(t)
+			t.Setenv("SSEFEED_TEST_REDIS_URL", "redis://10.0.0.5:6379/3")
 			c := tc.cluster
 			err := c.Provision(caddy.Context{})
 			if err == nil {
@@ -99,7 +104,9 @@ func TestProvisionSetsDefaultsAndValidates(t *testing.T) {
 				return
 			}
 			require.NoError(t, err)
-			require.NotEmpty(t, c.Address)
+			require.Equal(t, tc.network, c.options.Network)
+			require.Equal(t, tc.addr, c.options.Addr)
+			require.Equal(t, tc.tls, c.options.TLSConfig != nil)
 			require.Equal(t, "sse_feed", c.KeyPrefix)
 			require.Equal(t, 10*time.Second, c.LeaseTTL())
 		})
