@@ -358,3 +358,41 @@ func TestLeaderFailoverFencesAStalledHolder(t *testing.T) {
 	require.Equal(t, []bool{true, false}, obs["a"].leases)
 	require.Equal(t, []bool{true, false}, obs["b"].leases)
 }
+
+func TestLeaderStartsANewEpochAfterRedisLostItsData(t *testing.T) {
+	clustertest.CheckGoroutines(t)
+	r := clustertest.StartRedis(t)
+	s := open(t, backend(t, r.URL()))
+	metas := make(chan cluster.Meta, 10)
+	errs := make(chan error, 10)
+	l := &cluster.Leader{Store: s, Holder: "h", TTL: time.Second}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		l.Run(ctx, func(ctx context.Context, m cluster.Meta) {
+			metas <- m
+			// Append until refused, as a reader whose feed's appends fail
+			// ends its term.
+			for seq := m.LastSeq + 1; ctx.Err() == nil; seq++ {
+				if err := s.Append(ctx, m.Epoch, m.Term, []cluster.Entry{{Seq: seq, ID: fmt.Sprint(seq)}}, nil); errors.Is(err, cluster.ErrEpoch) {
+					errs <- err
+					return
+				}
+				time.Sleep(5 * time.Millisecond) // an upstream's pace
+			}
+		})
+	}()
+	defer func() {
+		cancel()
+		<-done
+	}()
+
+	first := <-metas
+	require.Equal(t, uint64(1), first.Term)
+	r.Restart()
+	require.ErrorIs(t, <-errs, cluster.ErrEpoch)
+	second := <-metas
+	require.NotEqual(t, first.Epoch, second.Epoch)
+	require.Equal(t, cluster.Meta{Epoch: second.Epoch, Term: 1}, second, "a new epoch, from scratch")
+}

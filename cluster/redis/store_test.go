@@ -390,3 +390,30 @@ func TestFeedsAreApart(t *testing.T) {
 	require.Len(t, esA, 2)
 	require.Len(t, esB, 1)
 }
+
+func TestParserKeepsTheFirstError(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		reply []any
+		err   string
+	}{
+		{"short", []any{"e"}, "unexpected script reply: reply has 1 values, want more than 1"},
+		{"not a number", []any{"e", "x", int64(1)}, `unexpected script reply: reply value 1: strconv.ParseUint: parsing "x": invalid syntax`},
+		{"not a string", []any{int64(1), int64(2), int64(3)}, "unexpected script reply: reply value 0 is int64, want a string"},
+		{"not a list", []any{"e", int64(2), "3", "entries"}, "unexpected script reply: reply value 3 is string, want an array"},
+		{"fine", []any{nil, "2", int64(3), []any{}}, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var p parser
+			p.text(tc.reply, 0)
+			p.number(tc.reply, 1)
+			p.number(tc.reply, 2)
+			p.list(tc.reply, 3)
+			if tc.err == "" {
+				require.NoError(t, p.err)
+				return
+			}
+			require.EqualError(t, p.err, tc.err)
+		})
+	}
+}
