@@ -36,7 +36,10 @@ type Mirror struct {
 	// Logger, if not nil, logs store errors and resets.
 	Logger *zap.Logger
 
+	readyOnce sync.Once
+
 	mu       sync.Mutex
+	ready    chan struct{} // closed after the first catch-up
 	epoch    string        // of the entries read so far
 	applied  uint64        // Seq of the last entry appended to Log
 	appended bool          // whether Log got frames since the last Reset
@@ -68,6 +71,7 @@ func (m *Mirror) Run(ctx context.Context) {
 			continue
 		}
 		f.recovered()
+		m.readyOnce.Do(func() { close(m.readyChan()) })
 		select {
 		case <-ctx.Done():
 			return
@@ -75,6 +79,20 @@ func (m *Mirror) Run(ctx context.Context) {
 		case <-ticker.C:
 		}
 	}
+}
+
+// Ready returns a channel closed once the mirror has caught up with the
+// shared log for the first time: from then on, the local log has what the
+// shared log had, and an id missing from it is unknown to the cluster.
+func (m *Mirror) Ready() <-chan struct{} { return m.readyChan() }
+
+func (m *Mirror) readyChan() chan struct{} {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.ready == nil {
+		m.ready = make(chan struct{})
+	}
+	return m.ready
 }
 
 // catchUp reads and appends until the mirror has everything the shared log

@@ -91,10 +91,10 @@ func TestMirrorReadsOnHintsAndEveryInterval(t *testing.T) {
 		s := newMemStore()
 		m := start(t, s, "a")
 		require.NoError(t, s.Append(t.Context(), m.Epoch, m.Term, numbered("a", 1, 10), nil))
-		_, rec, stop := mirror(s, nil)
+		mr, rec, stop := mirror(s, nil)
 		defer stop()
-		synctest.Wait()
-		require.Equal(t, ids("a", 1, 10), rec.got(), "what the log has at the start, in batches")
+		<-mr.Ready()
+		require.Equal(t, ids("a", 1, 10), rec.got(), "what the log has at the start, in batches, when ready")
 
 		require.NoError(t, s.Append(t.Context(), m.Epoch, m.Term, numbered("a", 11, 11), nil))
 		synctest.Wait()
@@ -168,10 +168,11 @@ func TestMirrorRetriesWithBackoff(t *testing.T) {
 		s, obs := newMemStore(), &observer{}
 		m := start(t, s, "a")
 		s.set(func(s *memStore) { s.fail = errors.New("redis down") })
-		_, rec, stop := mirror(s, obs)
+		mr, rec, stop := mirror(s, obs)
 		defer stop()
 		time.Sleep(10 * time.Second)
 		synctest.Wait()
+		require.False(t, isClosed(mr.Ready()), "not ready before it could read")
 		// 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5: give or take a fifth, 7 or 8
 		// failures in 10s, the first at once.
 		failures := obs.errorCount("read")
@@ -184,6 +185,7 @@ func TestMirrorRetriesWithBackoff(t *testing.T) {
 		time.Sleep(5 * time.Second)
 		synctest.Wait()
 		require.Equal(t, ids("a", 1, 2), rec.got(), "resumed after the backoff")
+		require.True(t, isClosed(mr.Ready()))
 		require.Equal(t, failures, obs.errorCount("read"))
 	})
 }
