@@ -55,8 +55,9 @@ type Store interface {
 	// Release gives up the lease if holder holds it with term.
 	Release(ctx context.Context, holder string, term uint64) error
 	// Append stores the entries, numbered from the meta's LastSeq+1, and
-	// the upstream state, in one step, trims the log to its limits and
-	// wakes the feed's mirrors. It returns ErrEpoch unless epoch is the
+	// the upstream state, which replaces the stored one, in one step; it
+	// trims the log to its limits and, if it stored entries, wakes the
+	// feed's mirrors. It returns ErrEpoch unless epoch is the
 	// current one and ErrFenced unless term is the lease's current term.
 	// Entries already stored are skipped, so that a retry is harmless.
 	Append(ctx context.Context, epoch string, term uint64, entries []Entry, state []byte) error
