@@ -56,7 +56,7 @@ func benchHandler(b *testing.B) *Handler {
 	h.logger = zap.NewNop()
 	group, _ := newStreamGroup()
 	h.streams = group.(*streamGroup)
-	f, err := h.FeedConfig.newFeed(h.logger)
+	f, err := h.FeedConfig.newFeed(h.logger, nil, "")
 	if err != nil {
 		b.Fatal(err)
 	}

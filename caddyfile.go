@@ -4,6 +4,7 @@ import (
 	"strconv"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
@@ -51,6 +52,9 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		max_subscribers <n>
 //		name <name>
 //		linger <duration>
+//		cluster <backend> {
+//			...
+//		}
 //	}
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next()        // the directive's name
@@ -183,6 +187,15 @@ func (h *Handler) setOption(d *caddyfile.Dispenser, option string, args []string
 		} else {
 			h.MaxSubscribers = n
 		}
+	case "cluster":
+		if err := wantArgs(1, 1); err != nil {
+			return err
+		}
+		backend, err := caddyfile.UnmarshalModule(d, "http.handlers.sse_feed.clusters."+args[0])
+		if err != nil {
+			return err
+		}
+		h.ClusterRaw = caddyconfig.JSONModuleObject(backend, "backend", args[0], nil)
 	default:
 		return d.Errf("unknown subdirective %q", option)
 	}

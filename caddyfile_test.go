@@ -1,6 +1,7 @@
 package ssefeed
 
 import (
+	"encoding/json"
 	"reflect"
 	"strconv"
 	"strings"
@@ -72,6 +73,20 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			initial 0
 			replay 1
 		}`, Handler{FeedConfig: FeedConfig{Poll: "http://127.0.0.1:9/d", Order: "oldest_first", Replay: 1}, Initial: &zero}},
+		{"cluster", `sse_feed {
+			poll http://127.0.0.1:9/d
+			cluster redis {
+				address unix:///run/redis.sock
+				lease 5s
+			}
+			initial 0
+		}`, Handler{
+			FeedConfig: FeedConfig{
+				Poll:       "http://127.0.0.1:9/d",
+				ClusterRaw: json.RawMessage(`{"address":"unix:///run/redis.sock","backend":"redis","lease":5000000000}`),
+			},
+			Initial: &zero,
+		}},
 		{"pointer escapes", `sse_feed {
 			tail http://127.0.0.1:9/s
 			id /a~1b/m~0n
@@ -124,6 +139,8 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 		{"extra argument", "sse_feed {\n\ttail http://h/s\n\tid /a /b\n}", 3, "wrong argument count"},
 		{"extra poll argument", "sse_feed {\n\tpoll http://h/d 1s 2s\n}", 2, "wrong argument count"},
 		{"argument after directive", "sse_feed extra {\n\ttail http://h/s\n}", 1, "wrong argument count"},
+		{"unknown cluster backend", "sse_feed {\n\ttail http://h/s\n\tcluster etcd\n}", 3, "etcd"},
+		{"bad cluster option", "sse_feed {\n\ttail http://h/s\n\tcluster redis {\n\t\tlease soon\n\t}\n}", 4, "lease"},
 		{"order value", "sse_feed {\n\tpoll http://h/d\n\titems /i\n\torder random\n}", 4, `order: want oldest_first or newest_first, got "random"`},
 		{"items with tail", "sse_feed {\n\ttail http://h/s\n\titems /i\n}", 1, "items applies to poll"},
 		{"bad read timeout", "sse_feed {\n\ttail http://h/s\n\tread_timeout never\n}", 3, `read_timeout: "never" is not a positive duration`},

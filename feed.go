@@ -63,6 +63,8 @@ type feedParts struct {
 	readyWait time.Duration
 	metrics   *feedMetrics
 	logger    *zap.Logger
+	// shared is the feed's part in a cluster, or nil.
+	shared *sharing
 }
 
 // feed is one upstream reader, its replay log and its subscribers.
@@ -102,7 +104,7 @@ func newFeed(parts feedParts) *feed {
 		idPrefix:  strconv.FormatInt(time.Now().UnixNano(), 36) + "-",
 		ready:     make(chan struct{}),
 	}
-	if f.kind == tailFeed {
+	if f.kind == tailFeed && f.shared == nil {
 		close(f.ready)
 	}
 	return f
@@ -150,10 +152,12 @@ func (f *feed) subscribe(limit int) (admission, bool) {
 	}
 }
 
-// startReader starts the source. A poll feed takes a new baseline: until
-// its first poll, new subscribers wait. f.mu must be held.
+// startReader starts the source, or in a cluster the mirror and the
+// leader. A poll feed outside a cluster takes a new baseline: until its
+// first poll, new subscribers wait. In a cluster they wait only once, for
+// the mirror to catch up. f.mu must be held.
 func (f *feed) startReader() {
-	if f.kind != tailFeed {
+	if f.kind != tailFeed && f.shared == nil {
 		select {
 		case <-f.ready:
 			f.ready = make(chan struct{})
@@ -176,7 +180,11 @@ func (f *feed) startReader() {
 		if previous != nil {
 			<-previous
 		}
-		f.source.Run(ctx, f)
+		if f.shared != nil {
+			f.runShared(ctx)
+		} else {
+			f.source.Run(ctx, f)
+		}
 	}()
 }
 
@@ -303,6 +311,15 @@ func (f *feed) Destruct() error {
 	}
 	f.log.Close()
 	f.metrics.release()
+	if f.shared != nil {
+		done := f.readerDone
+		go func() {
+			if done != nil {
+				<-done
+			}
+			_ = f.shared.store.Close()
+		}()
+	}
 	return nil
 }
 
@@ -313,30 +330,41 @@ func (f *feed) LastID() string {
 	return f.lastID
 }
 
-// Publish implements source.Sink: it turns the values into frames as the
-// feed's kind says, and appends them all to the log in one step. Any
-// publish, even of nothing, tells that the upstream answered.
+// Publish implements source.Sink: it turns the values into frames and
+// appends them all to the log in one step. Any publish, even of nothing,
+// tells that the upstream answered.
 func (f *feed) Publish(values []json.RawMessage) {
 	f.publishMu.Lock()
 	defer f.publishMu.Unlock()
 	defer f.markReady()
-	if len(values) == 0 {
-		return
-	}
-	var frames []replay.Frame
-	switch f.kind {
-	case documentFeed:
-		frames = f.documentFrames(values[0])
-	case itemFeed:
-		frames = f.itemFrames(values[0])
-	case tailFeed:
-		frames = f.lineFrames(values)
-	}
+	frames := f.frames(values)
 	if len(frames) == 0 {
 		return
 	}
-	f.lastID = frames[len(frames)-1].ID
 	f.log.Append(frames...)
+	f.published(frames)
+}
+
+// frames turns values into frames as the feed's kind says. f.publishMu
+// must be held.
+func (f *feed) frames(values []json.RawMessage) []replay.Frame {
+	if len(values) == 0 {
+		return nil
+	}
+	switch f.kind {
+	case documentFeed:
+		return f.documentFrames(values[0])
+	case itemFeed:
+		return f.itemFrames(values[0])
+	default:
+		return f.lineFrames(values)
+	}
+}
+
+// published records frames that went into the log. f.publishMu must be
+// held.
+func (f *feed) published(frames []replay.Frame) {
+	f.lastID = frames[len(frames)-1].ID
 	f.metrics.events.Add(float64(len(frames)))
 	if ce := f.logger.Check(zap.DebugLevel, "published"); ce != nil {
 		ce.Write(zap.Int("events", len(frames)), zap.String("last_id", f.lastID))

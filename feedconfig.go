@@ -3,6 +3,7 @@ package ssefeed
 import (
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"fmt"
 	"net/url"
 	"time"
@@ -11,6 +12,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"go.uber.org/zap"
 
+	"github.com/ssefeed/caddy-ssefeed/cluster"
 	"github.com/ssefeed/caddy-ssefeed/pointer"
 	"github.com/ssefeed/caddy-ssefeed/replay"
 	"github.com/ssefeed/caddy-ssefeed/source"
@@ -78,6 +80,12 @@ type FeedConfig struct {
 	// Linger is how long the feed keeps reading its upstream after its last
 	// subscriber leaves. Default: 30s.
 	Linger caddy.Duration `json:"linger,omitempty"`
+
+	// ClusterRaw shares the feed among Caddy instances: one instance at a
+	// time reads the upstream, and every instance serves the same events
+	// with the same ids from a shared log. Default: none; the feed lives in
+	// this process only.
+	ClusterRaw json.RawMessage `json:"cluster,omitempty" caddy:"namespace=http.handlers.sse_feed.clusters inline_key=backend"`
 }
 
 // applyDefaults fills in the options left unset.
@@ -213,8 +221,9 @@ func (c *FeedConfig) newSource(observer source.Observer, logger *zap.Logger) rea
 }
 
 // newFeed builds the configured feed in one step: its metrics, its source,
+// its log, shared through backend if not nil and identified there by key,
 // then the feed itself.
-func (c *FeedConfig) newFeed(logger *zap.Logger) (*feed, error) {
+func (c *FeedConfig) newFeed(logger *zap.Logger, backend cluster.Backend, key string) (*feed, error) {
 	m, err := c.mapping()
 	if err != nil {
 		return nil, err
@@ -224,14 +233,20 @@ func (c *FeedConfig) newFeed(logger *zap.Logger) (*feed, error) {
 		return nil, err
 	}
 	logger = logger.With(zap.String("feed", c.Name))
+	log := replay.New(c.limits())
+	var shared *sharing
+	if backend != nil {
+		shared = newSharing(backend, key, c.limits(), log, metrics, logger)
+	}
 	return newFeed(feedParts{
 		kind:      c.kind(),
 		source:    c.newSource(metrics, logger),
 		mapping:   m,
-		log:       replay.New(c.limits()),
+		log:       log,
 		linger:    time.Duration(c.Linger),
 		readyWait: time.Duration(c.Timeout),
 		metrics:   metrics,
 		logger:    logger,
+		shared:    shared,
 	}), nil
 }

@@ -38,8 +38,20 @@ var (
 	}, []string{"feed", "result"})
 	metricSlowDisconnects = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: "caddy", Subsystem: "sse_feed", Name: "slow_disconnects_total",
-		Help: "Subscribers disconnected because they fell behind the replay log.",
+		Help: "Subscribers disconnected because they fell behind the replay log or stopped reading.",
 	}, []string{"feed"})
+	metricLeaseHeld = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Namespace: "caddy", Subsystem: "sse_feed", Name: "cluster_lease_held",
+		Help: "Feeds whose cluster lease this instance holds, so that it reads their upstream.",
+	}, []string{"feed"})
+	metricLeaseChanges = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "caddy", Subsystem: "sse_feed", Name: "cluster_lease_changes_total",
+		Help: "Times this instance took or lost a feed's cluster lease.",
+	}, []string{"feed"})
+	metricClusterErrors = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "caddy", Subsystem: "sse_feed", Name: "cluster_errors_total",
+		Help: "Failed operations on the cluster's store, by operation: acquire, renew, release, append or read.",
+	}, []string{"feed", "op"})
 )
 
 // collectors are the module's collectors, each with a feed label.
@@ -49,6 +61,7 @@ var collectors = []interface {
 }{
 	metricSubscribers, metricEvents, metricBytes, metricUpstreamRequests,
 	metricUpstreamErrors, metricResumptions, metricSlowDisconnects,
+	metricLeaseHeld, metricLeaseChanges, metricClusterErrors,
 }
 
 // registerMetrics registers the collectors with a config's registry.
@@ -137,4 +150,19 @@ func (m *feedMetrics) UpstreamRequest(result string) {
 // UpstreamError implements source.Observer.
 func (m *feedMetrics) UpstreamError(reason string) {
 	metricUpstreamErrors.WithLabelValues(m.name, reason).Inc()
+}
+
+// StoreError implements cluster.Observer.
+func (m *feedMetrics) StoreError(op string) {
+	metricClusterErrors.WithLabelValues(m.name, op).Inc()
+}
+
+// LeaseChange implements cluster.Observer.
+func (m *feedMetrics) LeaseChange(held bool) {
+	metricLeaseChanges.WithLabelValues(m.name).Inc()
+	if held {
+		metricLeaseHeld.WithLabelValues(m.name).Inc()
+	} else {
+		metricLeaseHeld.WithLabelValues(m.name).Dec()
+	}
 }

@@ -16,6 +16,10 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyevents"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
+
+	"github.com/ssefeed/caddy-ssefeed/cluster"
+	// The redis cluster backend, so that builds with this module have it.
+	_ "github.com/ssefeed/caddy-ssefeed/cluster/redis"
 )
 
 func init() {
@@ -107,11 +111,21 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return err
 	}
 	h.streams = group.(*streamGroup)
+	// The key is taken before the cluster module is loaded, which empties
+	// its raw config.
 	if h.feedKey, err = jsonKey(&h.FeedConfig); err != nil {
 		return err
 	}
+	var backend cluster.Backend
+	if h.ClusterRaw != nil {
+		mod, err := ctx.LoadModule(&h.FeedConfig, "ClusterRaw")
+		if err != nil {
+			return fmt.Errorf("loading cluster module: %v", err)
+		}
+		backend = mod.(cluster.Backend)
+	}
 	value, _, err := feeds.LoadOrNew(h.feedKey, func() (caddy.Destructor, error) {
-		return h.FeedConfig.newFeed(h.logger)
+		return h.FeedConfig.newFeed(h.logger, backend, h.feedKey)
 	})
 	if err != nil {
 		return err

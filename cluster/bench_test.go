@@ -10,7 +10,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/ssefeed/caddy-ssefeed/cluster"
-	"github.com/ssefeed/caddy-ssefeed/cluster/internal/clustertest"
+	"github.com/ssefeed/caddy-ssefeed/internal/clustertest"
 )
 
 // BenchmarkAppendToMirror measures one event's way: the holder's append,

@@ -204,6 +204,25 @@ func (l *Log) Read(cursor uint64, dst [][]byte, max int) ([][]byte, uint64, <-ch
 	return dst, cursor, l.wake, nil
 }
 
+// Drop evicts every retained frame, as if they had all aged out: cursors
+// into them get ErrEvicted, and their ids and keys are unknown. Cursors at
+// the end go on with the frames appended next. A cluster's mirror drops
+// its log when the shared log lost data.
+func (l *Log) Drop() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	clear(l.frames)
+	l.frames = l.frames[:0]
+	l.head = 0
+	l.bytes = 0
+	clear(l.ids)
+	clear(l.keys)
+	if !l.closed {
+		close(l.wake)
+		l.wake = make(chan struct{})
+	}
+}
+
 // Close ends the log: waiters wake and reads return ErrClosed.
 func (l *Log) Close() {
 	l.mu.Lock()

@@ -7,6 +7,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/stretchr/testify/require"
 )
 
 // frame returns a frame with the given id, its key "k"+id and bytes of size n.
@@ -342,4 +344,23 @@ func TestConcurrentReaders(t *testing.T) {
 	for err := range errs {
 		t.Error(err)
 	}
+}
+
+func TestDropForgetsEveryRetainedID(t *testing.T) {
+	log := New(Limits{})
+	log.Append(Frame{ID: "a", Key: "k", Bytes: []byte("a")}, Frame{ID: "b", Bytes: []byte("b")})
+	_, _, wake, err := log.Read(log.Next(), nil, 1)
+	require.NoError(t, err)
+	end := log.Next()
+	log.Drop()
+	_, known := log.After("a")
+	require.False(t, known, "an id from before the drop is known")
+	require.False(t, log.HasKey("k"))
+	require.True(t, isClosed(wake), "Drop did not wake the waiters")
+	_, _, _, err = log.Read(0, nil, 1)
+	require.ErrorIs(t, err, ErrEvicted)
+	log.Append(Frame{ID: "c", Bytes: []byte("c")})
+	frames, _, _, err := log.Read(end, nil, 10)
+	require.NoError(t, err)
+	require.Equal(t, [][]byte{[]byte("c")}, frames, "a cursor at the end goes on")
 }

@@ -10,7 +10,7 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/stretchr/testify/require"
 
-	"github.com/ssefeed/caddy-ssefeed/cluster/internal/clustertest"
+	"github.com/ssefeed/caddy-ssefeed/internal/clustertest"
 	"github.com/ssefeed/caddy-ssefeed/replay"
 )
 
