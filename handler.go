@@ -17,6 +17,11 @@ import (
 // so the per-subscriber scratch slice.
 const maxFramesPerWrite = 256
 
+// maxBytesPerWrite bounds the frame bytes gathered for one write, so that a
+// subscriber blocked in a write holds at most this much of the replay log
+// (one larger frame goes out alone).
+const maxBytesPerWrite = 256 << 10
+
 // keptFrames is the largest scratch slice a stream keeps between writes: a
 // burst grows it, and an idle subscriber should not hold that memory.
 const keptFrames = 64
@@ -106,9 +111,10 @@ func (s *stream) run(wait <-chan struct{}, lastID string) {
 	}
 	cursor := s.cursor
 	for {
+		var more bool
 		var wake <-chan struct{}
 		var err error
-		s.frames, cursor, wake, err = s.f.log.Read(cursor, s.frames[:0], maxFramesPerWrite)
+		s.frames, cursor, more, wake, err = s.f.log.Read(cursor, s.frames[:0], maxFramesPerWrite, maxBytesPerWrite)
 		switch {
 		case errors.Is(err, replay.ErrEvicted):
 			s.f.metrics.slowDisconnect.Inc()
@@ -122,7 +128,7 @@ func (s *stream) run(wait <-chan struct{}, lastID string) {
 			if !s.writeFrames() {
 				return
 			}
-			if len(s.frames) == maxFramesPerWrite {
+			if more {
 				continue
 			}
 			if cap(s.frames) > keptFrames {

@@ -182,26 +182,32 @@ func (l *Log) HasKey(key string) bool {
 	return ok
 }
 
-// Read appends to dst the bytes of the frames from cursor on, at most max
-// frames, and returns them with the cursor after the last one. It also
-// returns a channel that is closed when a frame is appended after them or
-// the log is closed. If frames before the log's oldest retained one were
-// requested, Read returns ErrEvicted: the reader fell too far behind.
-func (l *Log) Read(cursor uint64, dst [][]byte, max int) ([][]byte, uint64, <-chan struct{}, error) {
+// Read appends to dst the bytes of the frames from cursor on, at most
+// maxFrames frames and maxBytes bytes, though always the first frame
+// however large. It returns them with the cursor after the last one,
+// whether more frames are ready after that cursor, and a channel that is
+// closed when a frame is appended after them or the log is closed. If
+// frames before the log's oldest retained one were requested, Read returns
+// ErrEvicted: the reader fell too far behind.
+func (l *Log) Read(cursor uint64, dst [][]byte, maxFrames, maxBytes int) (frames [][]byte, next uint64, more bool, wake <-chan struct{}, err error) {
 	l.mu.RLock()
 	defer l.mu.RUnlock()
 	if l.closed {
-		return dst, cursor, nil, ErrClosed
+		return dst, cursor, false, nil, ErrClosed
 	}
 	if cursor < l.first() {
-		return dst, cursor, nil, ErrEvicted
+		return dst, cursor, false, nil, ErrEvicted
 	}
-	for i := l.head + int(cursor-l.first()); i < len(l.frames) && max > 0; i++ {
-		dst = append(dst, l.frames[i].Bytes)
+	i := l.head + int(cursor-l.first())
+	for n, size := 0, 0; i < len(l.frames) && n < maxFrames; i, n = i+1, n+1 {
+		b := l.frames[i].Bytes
+		if size += len(b); n > 0 && size > maxBytes {
+			break
+		}
+		dst = append(dst, b)
 		cursor++
-		max--
 	}
-	return dst, cursor, l.wake, nil
+	return dst, cursor, i < len(l.frames), l.wake, nil
 }
 
 // Close ends the log: waiters wake and reads return ErrClosed.

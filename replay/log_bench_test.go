@@ -2,6 +2,7 @@ package replay
 
 import (
 	"fmt"
+	"math"
 	"strconv"
 	"sync"
 	"testing"
@@ -29,7 +30,7 @@ func BenchmarkRead(b *testing.B) {
 	dst := make([][]byte, 0, 16)
 	b.ReportAllocs()
 	for b.Loop() {
-		dst, _, _, _ = l.Read(0, dst[:0], 16)
+		dst, _, _, _, _ = l.Read(0, dst[:0], 16, math.MaxInt)
 	}
 }
 
@@ -50,11 +51,11 @@ func BenchmarkWake(b *testing.B) {
 					var cursor uint64
 					var wake <-chan struct{}
 					var err error
-					dst, cursor, wake, _ = l.Read(l.Next(), dst[:0], 16)
+					dst, cursor, _, wake, _ = l.Read(l.Next(), dst[:0], 16, math.MaxInt)
 					ready.Done()
 					for {
 						<-wake
-						dst, cursor, wake, err = l.Read(cursor, dst[:0], 16)
+						dst, cursor, _, wake, err = l.Read(cursor, dst[:0], 16, math.MaxInt)
 						if err != nil {
 							return
 						}

@@ -3,6 +3,8 @@ package replay
 import (
 	"errors"
 	"fmt"
+	"math"
+	"slices"
 	"strconv"
 	"sync"
 	"testing"
@@ -18,7 +20,7 @@ func frame(id string, n int) Frame {
 // tests put in the bytes.
 func readAll(t *testing.T, l *Log, cursor uint64) []string {
 	t.Helper()
-	frames, _, _, err := l.Read(cursor, nil, 1<<30)
+	frames, _, _, _, err := l.Read(cursor, nil, math.MaxInt, math.MaxInt)
 	if err != nil {
 		t.Fatalf("Read(%d): %v", cursor, err)
 	}
@@ -62,14 +64,10 @@ func newClockedLog(limits Limits) (*Log, *fakeClock) {
 	return l, clock
 }
 
-func equal(a, b []string) bool {
-	return fmt.Sprint(a) == fmt.Sprint(b)
-}
-
 func TestEvictByCount(t *testing.T) {
 	l := New(Limits{Count: 3})
 	appendNamed(l, "a", "b", "c", "d", "e")
-	if got := readAll(t, l, l.Tail(l.Next(), 10)); !equal(got, []string{"c", "d", "e"}) {
+	if got := readAll(t, l, l.Tail(l.Next(), 10)); !slices.Equal(got, []string{"c", "d", "e"}) {
 		t.Errorf("retained %v, want [c d e]", got)
 	}
 	if _, ok := l.After("b"); ok {
@@ -107,7 +105,7 @@ func TestEvictByBytes(t *testing.T) {
 					got = append(got, strconv.Itoa(i))
 				}
 			}
-			if !equal(got, tt.want) {
+			if !slices.Equal(got, tt.want) {
 				t.Errorf("retained %v, want %v", got, tt.want)
 			}
 		})
@@ -121,19 +119,19 @@ func TestEvictByAge(t *testing.T) {
 	appendNamed(l, "b")
 	clock.advance(31 * time.Second)
 	appendNamed(l, "c") // a is now 61s old
-	if got := readAll(t, l, l.Tail(l.Next(), 10)); !equal(got, []string{"b", "c"}) {
+	if got := readAll(t, l, l.Tail(l.Next(), 10)); !slices.Equal(got, []string{"b", "c"}) {
 		t.Errorf("after append: retained %v, want [b c]", got)
 	}
 
 	clock.advance(40 * time.Second) // b is 71s old, c 40s
 	l.Expire()
-	if got := readAll(t, l, l.Tail(l.Next(), 10)); !equal(got, []string{"c"}) {
+	if got := readAll(t, l, l.Tail(l.Next(), 10)); !slices.Equal(got, []string{"c"}) {
 		t.Errorf("after Expire: retained %v, want [c]", got)
 	}
 
 	clock.advance(time.Hour)
 	l.Expire()
-	if got := readAll(t, l, l.Tail(l.Next(), 10)); !equal(got, []string{"c"}) {
+	if got := readAll(t, l, l.Tail(l.Next(), 10)); !slices.Equal(got, []string{"c"}) {
 		t.Errorf("the newest frame must stay for a document feed; retained %v", got)
 	}
 	if _, ok := l.After("c"); ok {
@@ -165,7 +163,7 @@ func TestAfter(t *testing.T) {
 			continue
 		}
 		if ok {
-			if got := readAll(t, l, cursor); !equal(got, tt.after) {
+			if got := readAll(t, l, cursor); !slices.Equal(got, tt.after) {
 				t.Errorf("after %q read %v, want %v", tt.id, got, tt.after)
 			}
 		}
@@ -194,16 +192,16 @@ func TestTail(t *testing.T) {
 		{100, []string{"c", "d", "e", "f"}},
 	}
 	for _, tt := range tests {
-		if got := readAll(t, l, l.Tail(l.Next(), tt.n)); !equal(got, tt.want) {
+		if got := readAll(t, l, l.Tail(l.Next(), tt.n)); !slices.Equal(got, tt.want) {
 			t.Errorf("Tail(%d) reads %v, want %v", tt.n, got, tt.want)
 		}
 	}
 	// An earlier end: one frame before where e was appended.
-	if got := readAll(t, l, l.Tail(l.Next()-2, 1)); !equal(got, []string{"d", "e", "f"}) {
+	if got := readAll(t, l, l.Tail(l.Next()-2, 1)); !slices.Equal(got, []string{"d", "e", "f"}) {
 		t.Errorf("Tail(Next-2, 1) reads %v, want [d e f]", got)
 	}
 	// An end before the oldest retained frame starts at the oldest.
-	if got := readAll(t, l, l.Tail(1, 0)); !equal(got, []string{"c", "d", "e", "f"}) {
+	if got := readAll(t, l, l.Tail(1, 0)); !slices.Equal(got, []string{"c", "d", "e", "f"}) {
 		t.Errorf("Tail(1, 0) reads %v, want [c d e f]", got)
 	}
 }
@@ -213,29 +211,65 @@ func TestRead(t *testing.T) {
 	start := l.Next()
 	l.Append(Frame{ID: "a", Bytes: []byte("a")}, Frame{ID: "b", Bytes: []byte("b")})
 
-	frames, cursor, _, err := l.Read(start, nil, 1)
-	if err != nil || len(frames) != 1 || string(frames[0]) != "a" {
-		t.Fatalf("Read max 1 = %q, %v; want [a]", frames, err)
+	frames, cursor, more, _, err := l.Read(start, nil, 1, math.MaxInt)
+	if err != nil || !slices.Equal(toStrings(frames), []string{"a"}) || !more {
+		t.Fatalf("Read max 1 = %q, more %v, %v; want [a], more", frames, more, err)
 	}
-	frames, cursor, _, err = l.Read(cursor, frames, 10)
-	if err != nil || !equal(toStrings(frames), []string{"a", "b"}) {
-		t.Fatalf("Read appending to dst = %q, %v; want [a b]", frames, err)
+	frames, cursor, more, _, err = l.Read(cursor, frames, 10, math.MaxInt)
+	if err != nil || !slices.Equal(toStrings(frames), []string{"a", "b"}) || more {
+		t.Fatalf("Read appending to dst = %q, more %v, %v; want [a b], no more", frames, more, err)
 	}
 	if cursor != l.Next() {
 		t.Errorf("cursor after reading everything = %d, want Next() = %d", cursor, l.Next())
 	}
-	frames, after, _, err := l.Read(cursor, nil, 10)
-	if err != nil || len(frames) != 0 || after != cursor {
-		t.Errorf("Read at the end = %q, %d, %v; want nothing at %d", frames, after, err, cursor)
+	frames, after, more, _, err := l.Read(cursor, nil, 10, math.MaxInt)
+	if err != nil || len(frames) != 0 || after != cursor || more {
+		t.Errorf("Read at the end = %q, %d, more %v, %v; want nothing at %d", frames, after, more, err, cursor)
 	}
 
 	appendNamed(l, "c", "d") // evicts a
-	if _, _, _, err := l.Read(start, nil, 10); !errors.Is(err, ErrEvicted) {
+	if _, _, _, _, err := l.Read(start, nil, 10, math.MaxInt); !errors.Is(err, ErrEvicted) {
 		t.Errorf("Read before the oldest frame: err = %v, want ErrEvicted", err)
 	}
 	l.Close()
-	if _, _, _, err := l.Read(l.Tail(l.Next(), 1), nil, 10); !errors.Is(err, ErrClosed) {
+	if _, _, _, _, err := l.Read(l.Tail(l.Next(), 1), nil, 10, math.MaxInt); !errors.Is(err, ErrClosed) {
 		t.Errorf("Read after Close: err = %v, want ErrClosed", err)
+	}
+}
+
+func TestReadBounds(t *testing.T) {
+	l := New(Limits{})
+	appendNamed(l, "aaa", "bbb", "ccc", "dddddddddd")
+	tests := []struct {
+		name                string
+		skip                int // frames before the cursor
+		maxFrames, maxBytes int
+		want                []string
+		more                bool
+	}{
+		{"everything", 0, 10, 100, []string{"aaa", "bbb", "ccc", "dddddddddd"}, false},
+		{"frame bound", 0, 2, 100, []string{"aaa", "bbb"}, true},
+		{"byte bound reached exactly", 0, 10, 6, []string{"aaa", "bbb"}, true},
+		{"byte bound inside a frame", 0, 10, 8, []string{"aaa", "bbb"}, true},
+		{"first frame over the byte bound", 0, 10, 1, []string{"aaa"}, true},
+		{"large frame after small ones waits", 2, 10, 12, []string{"ccc"}, true},
+		{"large last frame alone", 3, 10, 5, []string{"dddddddddd"}, false},
+		{"nothing after the cursor", 4, 10, 5, nil, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			start := l.Tail(l.Next(), 4) + uint64(tt.skip)
+			frames, cursor, more, _, err := l.Read(start, nil, tt.maxFrames, tt.maxBytes)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := toStrings(frames); !slices.Equal(got, tt.want) || more != tt.more {
+				t.Errorf("Read = %q, more %v; want %q, more %v", got, more, tt.want, tt.more)
+			}
+			if cursor != start+uint64(len(frames)) {
+				t.Errorf("cursor = %d, want %d", cursor, start+uint64(len(frames)))
+			}
+		})
 	}
 }
 
@@ -258,7 +292,7 @@ func isClosed(ch <-chan struct{}) bool {
 
 func TestWake(t *testing.T) {
 	l := New(Limits{})
-	_, cursor, wake, _ := l.Read(l.Next(), nil, 10)
+	_, cursor, _, wake, _ := l.Read(l.Next(), nil, 10, math.MaxInt)
 	l.Append()
 	l.Expire()
 	if isClosed(wake) {
@@ -269,7 +303,7 @@ func TestWake(t *testing.T) {
 		t.Fatal("wake not closed by Append")
 	}
 
-	_, _, wake, _ = l.Read(cursor, nil, 10)
+	_, _, _, wake, _ = l.Read(cursor, nil, 10, math.MaxInt)
 	if isClosed(wake) {
 		t.Fatal("a fresh wake channel is already closed")
 	}
@@ -316,7 +350,7 @@ func TestConcurrentReaders(t *testing.T) {
 			for want < frames {
 				var wake <-chan struct{}
 				var err error
-				buf, cursor, wake, err = l.Read(cursor, buf[:0], 7)
+				buf, cursor, _, wake, err = l.Read(cursor, buf[:0], 7, 20)
 				if err != nil {
 					errs <- err
 					return
