@@ -3,9 +3,11 @@ package replay
 import (
 	"fmt"
 	"math"
+	"runtime"
 	"strconv"
 	"sync"
 	"testing"
+	"time"
 )
 
 // BenchmarkAppend appends one frame to a full log, which evicts the oldest.
@@ -76,4 +78,51 @@ func BenchmarkWake(b *testing.B) {
 			l.Close()
 		})
 	}
+}
+
+// BenchmarkBurstHeap appends one poll of a million elements to a log with
+// the default bounds (1000 events, 16 MiB), then the upstream shrinks back
+// to small polls. It reports the heap in use before the burst, at its peak
+// (the burst's frames still held by the caller, as a feed does while it
+// publishes) and after the small polls, once the burst is garbage.
+func BenchmarkBurstHeap(b *testing.B) {
+	for _, tt := range []struct {
+		name   string
+		limits Limits
+		after  func(*fakeClock)
+	}{
+		{"count bound", Limits{Count: 1000, Bytes: 16 << 20}, func(*fakeClock) {}},
+		{"age bound", Limits{Count: 1_000_000, Bytes: 1 << 30, MaxAge: time.Minute},
+			func(c *fakeClock) { c.advance(2 * time.Minute) }},
+	} {
+		b.Run(tt.name, func(b *testing.B) {
+			var before, peak, after uint64
+			for b.Loop() {
+				before = heapInUse()
+				l, clock := newClockedLog(tt.limits)
+				frames := burst(1_000_000)
+				l.Append(frames...)
+				peak = heapInUse()
+				runtime.KeepAlive(frames)
+				tt.after(clock)
+				for i := range 100 {
+					appendNamed(l, "small-"+strconv.Itoa(i))
+				}
+				after = heapInUse()
+				runtime.KeepAlive(l)
+			}
+			const mb = 1 << 20
+			b.ReportMetric(float64(before)/mb, "MB-before")
+			b.ReportMetric(float64(peak)/mb, "MB-peak")
+			b.ReportMetric(float64(after)/mb, "MB-after")
+		})
+	}
+}
+
+// heapInUse collects garbage and returns the bytes of heap spans in use.
+func heapInUse() uint64 {
+	runtime.GC()
+	var m runtime.MemStats
+	runtime.ReadMemStats(&m)
+	return m.HeapInuse
 }

@@ -326,12 +326,66 @@ func TestMapsShrinkOnEviction(t *testing.T) {
 	}
 	l.mu.RLock()
 	defer l.mu.RUnlock()
-	if len(l.ids) != 10 || len(l.keys) != 10 || l.retained() != 10 {
+	if len(l.ids.m) != 10 || len(l.keys.m) != 10 || l.retained() != 10 {
 		t.Errorf("after 100k appends: %d ids, %d keys, %d frames; want 10 each",
-			len(l.ids), len(l.keys), l.retained())
+			len(l.ids.m), len(l.keys.m), l.retained())
 	}
 	if cap(l.frames) > 64 {
 		t.Errorf("frame slice capacity %d: the evicted prefix is not reclaimed", cap(l.frames))
+	}
+}
+
+// burst returns n frames with distinct ids and keys, as one large poll
+// gives.
+func burst(n int) []Frame {
+	frames := make([]Frame, n)
+	for i := range frames {
+		id := "burst-" + strconv.Itoa(i)
+		frames[i] = Frame{ID: id, Key: "k" + id, Bytes: []byte(id)}
+	}
+	return frames
+}
+
+// TestShrinkAfterBurst appends one burst far larger than what the log then
+// retains, and checks that the frame array and the maps do not keep the
+// burst's size once the upstream is small again.
+func TestShrinkAfterBurst(t *testing.T) {
+	const n = 50_000
+	tests := []struct {
+		name   string
+		limits Limits
+		after  func(*fakeClock) // what happens between the burst and the small polls
+	}{
+		{"count bound", Limits{Count: 1000}, func(*fakeClock) {}},
+		{"byte bound", Limits{Bytes: 1000}, func(*fakeClock) {}},
+		{"age bound", Limits{MaxAge: time.Minute}, func(c *fakeClock) { c.advance(2 * time.Minute) }},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			l, clock := newClockedLog(tt.limits)
+			l.Append(burst(n)...)
+			tt.after(clock)
+			for i := range 3 * minShrink {
+				appendNamed(l, "small-"+strconv.Itoa(i))
+			}
+			l.Expire()
+
+			l.mu.RLock()
+			retained, capacity := l.retained(), cap(l.frames)
+			idsPeak, keysPeak := l.ids.peak, l.keys.peak
+			l.mu.RUnlock()
+			if retained > 3*minShrink {
+				t.Fatalf("%d frames retained, want at most %d", retained, 3*minShrink)
+			}
+			if limit := max(4*retained, minShrink); capacity > limit || idsPeak > limit || keysPeak > limit {
+				t.Errorf("%d frames retained in an array of %d, maps sized for %d ids and %d keys; want at most %d each",
+					retained, capacity, idsPeak, keysPeak, limit)
+			}
+			newest := "small-" + strconv.Itoa(3*minShrink-1)
+			if cursor, ok := l.After(newest); !ok || cursor != l.Next() || !l.HasKey("k"+newest) {
+				t.Errorf("the newest frame is not found after shrinking: After = %d, %v", cursor, ok)
+			}
+		})
 	}
 }
 
