@@ -2,6 +2,7 @@ package ssefeed
 
 import (
 	"strconv"
+	"strings"
 	"time"
 	"unicode/utf8"
 )
@@ -23,14 +24,18 @@ type Event struct {
 
 // validID reports whether id can be written to a stream and sent back by a
 // client unchanged in a Last-Event-ID header: UTF-8, at most maxIDLength
-// bytes, and free of NUL, CR and LF.
+// bytes, no control character (HTTP servers refuse a header with one), no
+// white space at either end (browsers and HTTP stacks trim header values,
+// and a white-space-only id comes back empty), and no U+FFFD, which is what
+// invalid UTF-8 from upstream became, so two different ids could be written
+// as one.
 func validID(id string) bool {
-	if len(id) == 0 || len(id) > maxIDLength || !utf8.ValidString(id) {
+	if len(id) == 0 || len(id) > maxIDLength || !utf8.ValidString(id) ||
+		strings.TrimSpace(id) != id || strings.ContainsRune(id, utf8.RuneError) {
 		return false
 	}
 	for i := 0; i < len(id); i++ {
-		switch id[i] {
-		case 0, '\r', '\n':
+		if id[i] < ' ' || id[i] == 0x7f {
 			return false
 		}
 	}

@@ -1,13 +1,18 @@
 package ssefeed
 
 import (
+	"bufio"
 	"bytes"
 	"errors"
 	"io"
+	"net/http"
+	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
 	"unicode/utf8"
+
+	"golang.org/x/net/http/httpguts"
 
 	"github.com/ssefeed/caddy-ssefeed/internal/ssetest"
 )
@@ -90,6 +95,24 @@ func TestValidID(t *testing.T) {
 		{"a\nb", false},
 		{"a\x00b", false},
 		{"a\xffb", false},
+		{"a\x01b", false},
+		{"a\x1bb", false},
+		{"a\x1fb", false},
+		{"a\x7fb", false},
+		{"a\tb", false},
+		{"a\u0080b", true}, // C1 controls pass net/http and browsers
+		{" a", false},
+		{"a ", false},
+		{"\ta", false},
+		{"a\t", false},
+		{" ", false},
+		{"   ", false},
+		{"\u00a0", false},
+		{"\u3000a", false},
+		{"a\u00a0", false},
+		{"a\u00a0b", true},
+		{"a\ufffdb", false}, // what invalid UTF-8 from upstream decodes to
+		{"\ufeffa", true},
 	} {
 		if got := validID(tc.id); got != tc.want {
 			t.Errorf("validID(%q) = %v, want %v", tc.id, got, tc.want)
@@ -162,6 +185,37 @@ func FuzzEncoder(f *testing.F) {
 		}
 		if _, err := r.Next(); !errors.Is(err, io.EOF) {
 			t.Fatalf("after the second event: %v, want EOF", err)
+		}
+	})
+}
+
+// FuzzValidID checks that every id validID accepts comes back unchanged
+// from a client: net/http accepts it as a header value, and a request
+// carrying it in Last-Event-ID, written and read as HTTP/1.1 (which trims
+// header values), yields the same id.
+func FuzzValidID(f *testing.F) {
+	for _, id := range []string{"1", "a b", " a", "a ", "\t", "a\x01", "a\x7f", "\u00a0", "a\ufffd", "é€😀"} {
+		f.Add(id)
+	}
+	f.Fuzz(func(t *testing.T, id string) {
+		if !validID(id) {
+			t.Skip("validID refuses this id")
+		}
+		if !httpguts.ValidHeaderFieldValue(id) {
+			t.Fatalf("validID(%q) but net/http refuses it as a header value", id)
+		}
+		req := httptest.NewRequest(http.MethodGet, "/events", nil)
+		req.Header.Set("Last-Event-ID", id)
+		var wire bytes.Buffer
+		if err := req.Write(&wire); err != nil {
+			t.Fatal(err)
+		}
+		back, err := http.ReadRequest(bufio.NewReader(&wire))
+		if err != nil {
+			t.Fatalf("reading back a request with Last-Event-ID %q: %v", id, err)
+		}
+		if got := lastEventID(back); got != id {
+			t.Fatalf("validID(%q) but the server reads back %q", id, got)
 		}
 	})
 }
