@@ -3,6 +3,8 @@ package ssefeed
 import (
 	"bufio"
 	"bytes"
+	"cmp"
+	"encoding/json"
 	"errors"
 	"io"
 	"net/http"
@@ -217,5 +219,81 @@ func FuzzValidID(f *testing.F) {
 		if got := lastEventID(back); got != id {
 			t.Fatalf("validID(%q) but the server reads back %q", id, got)
 		}
+	})
+}
+
+func TestAppendReset(t *testing.T) {
+	long := strings.Repeat("x", maxIDLength)
+	for _, tc := range []struct {
+		name, id, want string
+	}{
+		{"plain", "42", `{"last_event_id":"42"}`},
+		{"html kept", "<a href='x'>&", `{"last_event_id":"<a href='x'>&"}`},
+		{"quote and backslash", `a"b\c`, `{"last_event_id":"a\"b\\c"}`},
+		{"control characters", "a\x01\r\n", `{"last_event_id":"a\u0001\r\n"}`},
+		{"invalid utf-8", "a\xffb", `{"last_event_id":"a\ufffdb"}`},
+		{"longest issued id", long, `{"last_event_id":"` + long + `"}`},
+		{"longer id cut", long + "yz", `{"last_event_id":"` + long + `"}`},
+		{"cut before a split rune", "x" + strings.Repeat("é", maxIDLength), `{"last_event_id":"x` + strings.Repeat("é", maxIDLength/2-1) + `"}`},
+		{"cut after a whole rune", strings.Repeat("é", maxIDLength), `{"last_event_id":"` + strings.Repeat("é", maxIDLength/2) + `"}`},
+		{"many angle brackets", strings.Repeat("<", 15000), `{"last_event_id":"` + strings.Repeat("<", maxIDLength) + `"}`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got := string(appendReset([]byte("prefix"), "reset", tc.id))
+			want := "prefixevent: reset\ndata: " + tc.want + "\n\n"
+			if got != want {
+				t.Errorf("appendReset(%q) =\n%q, want\n%q", tc.id, got, want)
+			}
+		})
+	}
+}
+
+// FuzzAppendReset checks that the reset event is one event of the given
+// type whose data is a small JSON object echoing a prefix of the id.
+func FuzzAppendReset(f *testing.F) {
+	f.Add("reset", "42")
+	f.Add("reset", strings.Repeat("<", 200))
+	f.Add("gone", strings.Repeat("é", 100)+"\xff")
+	f.Add("", "a\x00\u2028\r\n")
+	f.Fuzz(func(t *testing.T, name, id string) {
+		if !validEventType(name) {
+			t.Skip("the config refuses this event name")
+		}
+		out := appendReset(nil, name, id)
+		r := ssetest.NewReader(bytes.NewReader(out))
+		ev, err := r.NextEvent()
+		if err != nil {
+			t.Fatalf("parsing %q: %v", out, err)
+		}
+		if _, err := r.Next(); !errors.Is(err, io.EOF) {
+			t.Fatalf("more than one event in %q", out)
+		}
+		if want := cmp.Or(name, "message"); ev.Type != want || ev.HasIDField {
+			t.Fatalf("event %#v, want type %q and no id", ev, want)
+		}
+		if len(ev.Data) > len(`{"last_event_id":""}`)+6*maxIDLength {
+			t.Fatalf("data of %d bytes for an id of %d", len(ev.Data), len(id))
+		}
+		var data map[string]string
+		if err := json.Unmarshal([]byte(ev.Data), &data); err != nil || len(data) != 1 {
+			t.Fatalf("data %q is not a JSON object with one string: %v", ev.Data, err)
+		}
+		echoed, ok := data["last_event_id"]
+		if !ok {
+			t.Fatalf("data %q has no last_event_id", ev.Data)
+		}
+		// Invalid UTF-8 arrives as one U+FFFD per byte, as string([]rune(s)) gives.
+		if len(id) <= maxIDLength {
+			if want := string([]rune(id)); echoed != want {
+				t.Fatalf("echoed %q, want %q", echoed, want)
+			}
+			return
+		}
+		for cut := maxIDLength; cut > maxIDLength-utf8.UTFMax; cut-- {
+			if echoed == string([]rune(id[:cut])) {
+				return
+			}
+		}
+		t.Fatalf("echoed %q is not the first %d bytes of the id", echoed, maxIDLength)
 	})
 }

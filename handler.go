@@ -1,7 +1,6 @@
 package ssefeed
 
 import (
-	"encoding/json"
 	"errors"
 	"math/rand/v2"
 	"net/http"
@@ -187,8 +186,7 @@ func (s *stream) start(lastID string, end uint64) uint64 {
 	}
 	s.f.metrics.resumeReset.Inc()
 	s.f.logger.Debug("unknown last event id; sending reset", zap.Int("id_length", len(lastID)))
-	data, _ := json.Marshal(map[string]string{"last_event_id": lastID})
-	s.buf = appendEvent(s.buf, Event{Type: s.h.ResetEvent, Data: string(data)})
+	s.buf = appendReset(s.buf, s.h.ResetEvent, lastID)
 	if s.f.kind == documentFeed {
 		return log.Tail(end, 1)
 	}
