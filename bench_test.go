@@ -77,7 +77,7 @@ func BenchmarkStreamWrite(b *testing.B) {
 	defer s.heartbeat.Stop()
 	b.ReportAllocs()
 	for b.Loop() {
-		s.frames, _, _, _ = s.f.read(0, s.frames[:0], maxFramesPerWrite)
+		s.frames, _, _, _, _ = s.f.read(0, s.frames[:0])
 		if !s.send() {
 			b.Fatal("write failed")
 		}

@@ -175,4 +175,3 @@ func (s *leaseSink) Publish(values []json.RawMessage) {
 
 // LastID implements source.Sink.
 func (s *leaseSink) LastID() string { return s.f.LastID() }
-

@@ -78,7 +78,7 @@ func sharedFeed(t *testing.T, backend *rediscluster.Cluster, up *itemsUpstream, 
 // logged returns the ids and bytes in the feed's log.
 func logged(t *testing.T, f *feed) []string {
 	t.Helper()
-	frames, _, _, err := f.read(f.oldest(), nil, 1<<20)
+	frames, _, _, _, err := f.log.Read(f.oldest(), nil, 1<<20, 1<<30)
 	require.NoError(t, err)
 	out := make([]string, len(frames))
 	for i, frame := range frames {

@@ -1,7 +1,10 @@
 package ssefeed
 
 import (
+	"bytes"
+	"encoding/json"
 	"strconv"
+	"strings"
 	"time"
 	"unicode/utf8"
 )
@@ -23,14 +26,18 @@ type Event struct {
 
 // validID reports whether id can be written to a stream and sent back by a
 // client unchanged in a Last-Event-ID header: UTF-8, at most maxIDLength
-// bytes, and free of NUL, CR and LF.
+// bytes, no control character (HTTP servers refuse a header with one), no
+// white space at either end (browsers and HTTP stacks trim header values,
+// and a white-space-only id comes back empty), and no U+FFFD, which is what
+// invalid UTF-8 from upstream became, so two different ids could be written
+// as one.
 func validID(id string) bool {
-	if len(id) == 0 || len(id) > maxIDLength || !utf8.ValidString(id) {
+	if len(id) == 0 || len(id) > maxIDLength || !utf8.ValidString(id) ||
+		strings.TrimSpace(id) != id || strings.ContainsRune(id, utf8.RuneError) {
 		return false
 	}
 	for i := 0; i < len(id); i++ {
-		switch id[i] {
-		case 0, '\r', '\n':
+		if id[i] < ' ' || id[i] == 0x7f {
 			return false
 		}
 	}
@@ -112,4 +119,31 @@ func appendRetry(dst []byte, d time.Duration) []byte {
 	dst = append(dst, "retry: "...)
 	dst = strconv.AppendInt(dst, d.Milliseconds(), 10)
 	return append(dst, '\n')
+}
+
+// appendReset appends the event that tells a client its last id is unknown.
+// Its data is the JSON object {"last_event_id":"<id>"}, without the HTML
+// escaping of json.Marshal, which would make "<" six bytes. An id longer
+// than maxIDLength was never issued, so only its first maxIDLength bytes,
+// cut at a UTF-8 boundary, are echoed; invalid UTF-8 in it becomes U+FFFD.
+// The data is thus at most about 6×maxIDLength bytes whatever the client
+// sent.
+func appendReset(dst []byte, eventName, lastID string) []byte {
+	if len(lastID) > maxIDLength {
+		cut := maxIDLength
+		// Back off over the continuation bytes of at most one rune.
+		for cut > maxIDLength-(utf8.UTFMax-1) && !utf8.RuneStart(lastID[cut]) {
+			cut--
+		}
+		lastID = lastID[:cut]
+	}
+	var data bytes.Buffer
+	enc := json.NewEncoder(&data)
+	enc.SetEscapeHTML(false)
+	// Encoding a string cannot fail.
+	_ = enc.Encode(struct {
+		LastEventID string `json:"last_event_id"`
+	}{lastID})
+	data.Truncate(data.Len() - 1) // the newline that Encode ends with
+	return appendEvent(dst, Event{Type: eventName, Data: data.String()})
 }

@@ -1,13 +1,20 @@
 package ssefeed
 
 import (
+	"bufio"
 	"bytes"
+	"cmp"
+	"encoding/json"
 	"errors"
 	"io"
+	"net/http"
+	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
 	"unicode/utf8"
+
+	"golang.org/x/net/http/httpguts"
 
 	"github.com/ssefeed/caddy-ssefeed/internal/ssetest"
 )
@@ -90,6 +97,24 @@ func TestValidID(t *testing.T) {
 		{"a\nb", false},
 		{"a\x00b", false},
 		{"a\xffb", false},
+		{"a\x01b", false},
+		{"a\x1bb", false},
+		{"a\x1fb", false},
+		{"a\x7fb", false},
+		{"a\tb", false},
+		{"a\u0080b", true}, // C1 controls pass net/http and browsers
+		{" a", false},
+		{"a ", false},
+		{"\ta", false},
+		{"a\t", false},
+		{" ", false},
+		{"   ", false},
+		{"\u00a0", false},
+		{"\u3000a", false},
+		{"a\u00a0", false},
+		{"a\u00a0b", true},
+		{"a\ufffdb", false}, // what invalid UTF-8 from upstream decodes to
+		{"\ufeffa", true},
 	} {
 		if got := validID(tc.id); got != tc.want {
 			t.Errorf("validID(%q) = %v, want %v", tc.id, got, tc.want)
@@ -163,5 +188,112 @@ func FuzzEncoder(f *testing.F) {
 		if _, err := r.Next(); !errors.Is(err, io.EOF) {
 			t.Fatalf("after the second event: %v, want EOF", err)
 		}
+	})
+}
+
+// FuzzValidID checks that every id validID accepts comes back unchanged
+// from a client: net/http accepts it as a header value, and a request
+// carrying it in Last-Event-ID, written and read as HTTP/1.1 (which trims
+// header values), yields the same id.
+func FuzzValidID(f *testing.F) {
+	for _, id := range []string{"1", "a b", " a", "a ", "\t", "a\x01", "a\x7f", "\u00a0", "a\ufffd", "é€😀"} {
+		f.Add(id)
+	}
+	f.Fuzz(func(t *testing.T, id string) {
+		if !validID(id) {
+			t.Skip("validID refuses this id")
+		}
+		if !httpguts.ValidHeaderFieldValue(id) {
+			t.Fatalf("validID(%q) but net/http refuses it as a header value", id)
+		}
+		req := httptest.NewRequest(http.MethodGet, "/events", nil)
+		req.Header.Set("Last-Event-ID", id)
+		var wire bytes.Buffer
+		if err := req.Write(&wire); err != nil {
+			t.Fatal(err)
+		}
+		back, err := http.ReadRequest(bufio.NewReader(&wire))
+		if err != nil {
+			t.Fatalf("reading back a request with Last-Event-ID %q: %v", id, err)
+		}
+		if got := lastEventID(back); got != id {
+			t.Fatalf("validID(%q) but the server reads back %q", id, got)
+		}
+	})
+}
+
+func TestAppendReset(t *testing.T) {
+	long := strings.Repeat("x", maxIDLength)
+	for _, tc := range []struct {
+		name, id, want string
+	}{
+		{"plain", "42", `{"last_event_id":"42"}`},
+		{"html kept", "<a href='x'>&", `{"last_event_id":"<a href='x'>&"}`},
+		{"quote and backslash", `a"b\c`, `{"last_event_id":"a\"b\\c"}`},
+		{"control characters", "a\x01\r\n", `{"last_event_id":"a\u0001\r\n"}`},
+		{"invalid utf-8", "a\xffb", `{"last_event_id":"a\ufffdb"}`},
+		{"longest issued id", long, `{"last_event_id":"` + long + `"}`},
+		{"longer id cut", long + "yz", `{"last_event_id":"` + long + `"}`},
+		{"cut before a split rune", "x" + strings.Repeat("é", maxIDLength), `{"last_event_id":"x` + strings.Repeat("é", maxIDLength/2-1) + `"}`},
+		{"cut after a whole rune", strings.Repeat("é", maxIDLength), `{"last_event_id":"` + strings.Repeat("é", maxIDLength/2) + `"}`},
+		{"many angle brackets", strings.Repeat("<", 15000), `{"last_event_id":"` + strings.Repeat("<", maxIDLength) + `"}`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got := string(appendReset([]byte("prefix"), "reset", tc.id))
+			want := "prefixevent: reset\ndata: " + tc.want + "\n\n"
+			if got != want {
+				t.Errorf("appendReset(%q) =\n%q, want\n%q", tc.id, got, want)
+			}
+		})
+	}
+}
+
+// FuzzAppendReset checks that the reset event is one event of the given
+// type whose data is a small JSON object echoing a prefix of the id.
+func FuzzAppendReset(f *testing.F) {
+	f.Add("reset", "42")
+	f.Add("reset", strings.Repeat("<", 200))
+	f.Add("gone", strings.Repeat("é", 100)+"\xff")
+	f.Add("", "a\x00\u2028\r\n")
+	f.Fuzz(func(t *testing.T, name, id string) {
+		if !validEventType(name) {
+			t.Skip("the config refuses this event name")
+		}
+		out := appendReset(nil, name, id)
+		r := ssetest.NewReader(bytes.NewReader(out))
+		ev, err := r.NextEvent()
+		if err != nil {
+			t.Fatalf("parsing %q: %v", out, err)
+		}
+		if _, err := r.Next(); !errors.Is(err, io.EOF) {
+			t.Fatalf("more than one event in %q", out)
+		}
+		if want := cmp.Or(name, "message"); ev.Type != want || ev.HasIDField {
+			t.Fatalf("event %#v, want type %q and no id", ev, want)
+		}
+		if len(ev.Data) > len(`{"last_event_id":""}`)+6*maxIDLength {
+			t.Fatalf("data of %d bytes for an id of %d", len(ev.Data), len(id))
+		}
+		var data map[string]string
+		if err := json.Unmarshal([]byte(ev.Data), &data); err != nil || len(data) != 1 {
+			t.Fatalf("data %q is not a JSON object with one string: %v", ev.Data, err)
+		}
+		echoed, ok := data["last_event_id"]
+		if !ok {
+			t.Fatalf("data %q has no last_event_id", ev.Data)
+		}
+		// Invalid UTF-8 arrives as one U+FFFD per byte, as string([]rune(s)) gives.
+		if len(id) <= maxIDLength {
+			if want := string([]rune(id)); echoed != want {
+				t.Fatalf("echoed %q, want %q", echoed, want)
+			}
+			return
+		}
+		for cut := maxIDLength; cut > maxIDLength-utf8.UTFMax; cut-- {
+			if echoed == string([]rune(id[:cut])) {
+				return
+			}
+		}
+		t.Fatalf("echoed %q is not the first %d bytes of the id", echoed, maxIDLength)
 	})
 }

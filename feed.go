@@ -29,7 +29,7 @@ type reader interface {
 // local one; a cluster's log mirrors a shared one.
 type eventLog interface {
 	Append(frames ...replay.Frame)
-	Read(cursor uint64, dst [][]byte, max int) ([][]byte, uint64, <-chan struct{}, error)
+	Read(cursor uint64, dst [][]byte, maxFrames, maxBytes int) (frames [][]byte, next uint64, more bool, wake <-chan struct{}, err error)
 	After(id string) (cursor uint64, ok bool)
 	Tail(end uint64, n int) uint64
 	Next() uint64
@@ -225,10 +225,10 @@ func (f *feed) join(a admission, lastID string, initial int) (position, <-chan s
 	return position{cursor: f.log.Tail(end, 1), reset: true}, nil
 }
 
-// read appends the frames after cursor to dst, at most max, as
+// read appends to dst the frames after cursor that one write takes, as
 // replay.Log.Read does.
-func (f *feed) read(cursor uint64, dst [][]byte, max int) ([][]byte, uint64, <-chan struct{}, error) {
-	return f.log.Read(cursor, dst, max)
+func (f *feed) read(cursor uint64, dst [][]byte) ([][]byte, uint64, bool, <-chan struct{}, error) {
+	return f.log.Read(cursor, dst, maxFramesPerWrite, maxBytesPerWrite)
 }
 
 // oldest returns a cursor at the oldest retained event.

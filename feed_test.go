@@ -92,7 +92,7 @@ func publish(f *feed, values ...string) {
 // a browser would, and the cursor after them.
 func eventsFrom(t *testing.T, f *feed, cursor uint64) ([]ssetest.Event, uint64) {
 	t.Helper()
-	frames, cursor, _, err := f.log.Read(cursor, nil, 1<<20)
+	frames, cursor, _, _, err := f.log.Read(cursor, nil, 1<<20, 1<<30)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -410,7 +410,7 @@ func TestDestruct(t *testing.T) {
 	r := f.source.(*stubReader)
 	f.subscribe(0)
 	waitUntil(t, "the reader started", func() bool { s, _, _ := r.counts(); return s == 1 })
-	_, _, wake, err := f.log.Read(f.log.Next(), nil, 1)
+	_, _, _, wake, err := f.log.Read(f.log.Next(), nil, 1, 1)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -420,7 +420,7 @@ func TestDestruct(t *testing.T) {
 	if !isDone(wake) {
 		t.Fatal("Destruct did not wake the log's readers")
 	}
-	if _, _, _, err := f.log.Read(0, nil, 1); !errors.Is(err, replay.ErrClosed) {
+	if _, _, _, _, err := f.log.Read(0, nil, 1, 1); !errors.Is(err, replay.ErrClosed) {
 		t.Errorf("Read after Destruct: %v, want ErrClosed", err)
 	}
 	waitUntil(t, "the reader stopped", func() bool { _, e, _ := r.counts(); return e == 1 })

@@ -2,7 +2,6 @@ package ssefeed
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"math/rand/v2"
 	"net/http"
@@ -18,6 +17,11 @@ import (
 // maxFramesPerWrite bounds the frames gathered for one write and flush, and
 // so the per-subscriber scratch slice.
 const maxFramesPerWrite = 256
+
+// maxBytesPerWrite bounds the frame bytes gathered for one write, so that a
+// subscriber blocked in a write holds at most this much of the replay log
+// (one larger frame goes out alone).
+const maxBytesPerWrite = 256 << 10
 
 // keptFrames is the largest scratch slice a stream keeps between writes: a
 // burst grows it, and an idle subscriber should not hold that memory.
@@ -160,16 +164,17 @@ func (s *stream) run(a admission, lastID string) {
 		pos, _ = s.f.join(a, lastID, *s.h.Initial)
 	}
 	if pos.reset {
-		s.appendReset(lastID)
+		s.buf = appendReset(s.buf, s.h.ResetEvent, lastID)
 	}
 	cursor := pos.cursor
 	// busy tells that frames were appended while the stream was writing:
 	// a cursor evicted then was evicted because the stream was too slow.
 	busy := false
 	for {
+		var more bool
 		var wake <-chan struct{}
 		var err error
-		s.frames, cursor, wake, err = s.f.read(cursor, s.frames[:0], maxFramesPerWrite)
+		s.frames, cursor, more, wake, err = s.f.read(cursor, s.frames[:0])
 		switch {
 		case errors.Is(err, replay.ErrEvicted) && busy:
 			s.f.metrics.slowDisconnect.Inc()
@@ -181,17 +186,17 @@ func (s *stream) run(a admission, lastID string) {
 			// than the log: the subscriber is owed a reset, not a
 			// disconnect.
 			s.f.metrics.resumeReset.Inc()
-			s.appendReset(lastID)
+			s.buf = appendReset(s.buf, s.h.ResetEvent, lastID)
 			cursor = s.f.oldest()
 			continue
 		case err != nil:
 			return
 		}
-		wrote, full := len(s.frames) > 0, len(s.frames) == maxFramesPerWrite
+		wrote := len(s.frames) > 0
 		if (wrote || len(s.buf) > 0) && !s.send() {
 			return
 		}
-		if full {
+		if more {
 			busy = true
 			continue
 		}
@@ -210,13 +215,6 @@ func (s *stream) run(a admission, lastID string) {
 			return
 		}
 	}
-}
-
-// appendReset adds the reset event for a subscriber whose last event id is
-// unknown.
-func (s *stream) appendReset(lastID string) {
-	data, _ := json.Marshal(map[string]string{"last_event_id": lastID})
-	s.buf = appendEvent(s.buf, Event{Type: s.h.ResetEvent, Data: string(data)})
 }
 
 // await waits until ch is closed, sending heartbeats meanwhile. It reports

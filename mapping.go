@@ -8,6 +8,8 @@ import (
 	"hash/maphash"
 	"slices"
 	"strconv"
+	"strings"
+	"unicode/utf8"
 
 	"github.com/ssefeed/caddy-ssefeed/pointer"
 )
@@ -48,18 +50,23 @@ func (m *mapping) elements(doc json.RawMessage) ([]json.RawMessage, error) {
 
 // toEvent maps one element to an event. The event's ID is the upstream id or
 // empty; key recognises the element when it comes again: "id:" and the
-// upstream id, or, when byContent is set and there is no id, a hash of the
-// element's bytes; otherwise it is empty.
+// upstream id, or "raw:" and the id's JSON text when the id holds U+FFFD
+// (different invalid UTF-8 all decodes to it, and distinct elements must
+// not share a key), or, when byContent is set and there is no id, a hash of
+// the element's bytes; otherwise it is empty.
 func (m *mapping) toEvent(elem json.RawMessage, byContent bool) (ev Event, key string, err error) {
 	if m.id != nil {
 		if v, ok := m.id.Find(elem); ok {
 			ev.ID, _ = scalarText(v)
+			switch {
+			case strings.ContainsRune(ev.ID, utf8.RuneError):
+				key = "raw:" + string(v)
+			case ev.ID != "":
+				key = "id:" + ev.ID
+			}
 		}
 	}
-	switch {
-	case ev.ID != "":
-		key = "id:" + ev.ID
-	case byContent:
+	if key == "" && byContent {
 		// Hash the compact form, so that an upstream that only changes its
 		// white space does not make every element new.
 		var compact bytes.Buffer

@@ -3,6 +3,7 @@ package ssefeed
 import (
 	"encoding/json"
 	"errors"
+	"slices"
 	"strings"
 	"testing"
 	"unicode/utf8"
@@ -53,7 +54,7 @@ func TestMappingElements(t *testing.T) {
 			for _, e := range elems {
 				got = append(got, string(e))
 			}
-			if strings.Join(got, "|") != strings.Join(tc.want, "|") || len(got) != len(tc.want) {
+			if !slices.Equal(got, tc.want) {
 				t.Fatalf("elements = %q, want %q", got, tc.want)
 			}
 		})
@@ -113,21 +114,69 @@ func TestMappingMissingData(t *testing.T) {
 	}
 }
 
-func TestMappingContentKeys(t *testing.T) {
-	m := testMapping(t, FeedConfig{})
-	key := func(elem string) string {
-		_, k, err := m.toEvent(json.RawMessage(elem), true)
-		if err != nil {
-			t.Fatal(err)
+func TestMappingKeys(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		h    FeedConfig
+		a, b string
+		same bool
+	}{
+		{"equal elements", FeedConfig{}, `{"a":1}`, `{"a":1}`, true},
+		{"only white space differs", FeedConfig{}, `{"a":1}`, `{ "a" : 1 }`, true},
+		{"different elements", FeedConfig{}, `{"a":1}`, `{"a":2}`, false},
+		{"same id, other content", FeedConfig{ID: "/id"}, `{"id":"x","v":1}`, `{"id":"x","v":2}`, true},
+		{"same id escaped otherwise", FeedConfig{ID: "/id"}, `{"id":"\u00e9"}`, `{"id":"é"}`, true},
+		{"number and string id", FeedConfig{ID: "/id"}, `{"id":1}`, `{"id":"1"}`, true},
+		{"different ids", FeedConfig{ID: "/id"}, `{"id":"x"}`, `{"id":"y"}`, false},
+		{"different invalid utf-8 ids", FeedConfig{ID: "/id"}, "{\"id\":\"\xff\"}", "{\"id\":\"\xfe\"}", false},
+		{"different lone surrogates", FeedConfig{ID: "/id"}, `{"id":"\ud800"}`, `{"id":"\udc00"}`, false},
+		{"invalid utf-8 and U+FFFD", FeedConfig{ID: "/id"}, "{\"id\":\"\xff\"}", `{"id":"\ufffd"}`, false},
+		{"same invalid utf-8 id", FeedConfig{ID: "/id"}, "{\"id\":\"a\xff\"}", "{\"id\":\"a\xff\"}", true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			m := testMapping(t, tc.h)
+			evA, keyA, errA := m.toEvent(json.RawMessage(tc.a), true)
+			evB, keyB, errB := m.toEvent(json.RawMessage(tc.b), true)
+			if err := errors.Join(errA, errB); err != nil {
+				t.Fatal(err)
+			}
+			if keyA == "" || keyB == "" || (keyA == keyB) != tc.same {
+				t.Fatalf("keys %q and %q; want them equal: %v", keyA, keyB, tc.same)
+			}
+			if !tc.same && evA.ID != "" && evA.ID == evB.ID && validID(evA.ID) {
+				t.Errorf("distinct elements would both be sent with id %q", evA.ID)
+			}
+		})
+	}
+}
+
+// FuzzMappingKeys checks that two elements share a key only when they have
+// the same id, or the same content when they have none, and that distinct
+// elements are never sent with the same id.
+func FuzzMappingKeys(f *testing.F) {
+	f.Add(`{"id":"x","v":1}`, `{"id":"x","v":2}`)
+	f.Add("{\"id\":\"\xff\"}", "{\"id\":\"\xfe\"}")
+	f.Add(`{"id":"\ud800"}`, `{"id":"\udc00"}`)
+	f.Add(`{"id":"\ufffd"}`, "{\"id\":\"\xef\xbf\xbd\"}")
+	f.Add(`{"id":1}`, `{"id":"1"}`)
+	f.Add(`{"v":1}`, `{ "v" : 1 }`)
+	m := testMapping(f, FeedConfig{ID: "/id"})
+	f.Fuzz(func(t *testing.T, a, b string) {
+		if !json.Valid([]byte(a)) || !json.Valid([]byte(b)) {
+			t.Skip("upstream documents are valid JSON")
 		}
-		return k
-	}
-	if key(`{"a":1}`) != key(`{"a":1}`) {
-		t.Error("equal elements have different keys")
-	}
-	if key(`{"a":1}`) == key(`{"a":2}`) {
-		t.Error("different elements have the same key")
-	}
+		evA, keyA, errA := m.toEvent(json.RawMessage(a), true)
+		evB, keyB, errB := m.toEvent(json.RawMessage(b), true)
+		if errA != nil || errB != nil {
+			return
+		}
+		if keyA == keyB && evA.ID != evB.ID {
+			t.Fatalf("ids %q and %q share the key %q", evA.ID, evB.ID, keyA)
+		}
+		if keyA != keyB && evA.ID != "" && evA.ID == evB.ID && validID(evA.ID) {
+			t.Fatalf("%s and %s are distinct elements that would both be sent with id %q", a, b, evA.ID)
+		}
+	})
 }
 
 func FuzzMapping(f *testing.F) {

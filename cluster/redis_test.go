@@ -13,8 +13,8 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/ssefeed/caddy-ssefeed/cluster"
-	"github.com/ssefeed/caddy-ssefeed/internal/clustertest"
 	rediscluster "github.com/ssefeed/caddy-ssefeed/cluster/redis"
+	"github.com/ssefeed/caddy-ssefeed/internal/clustertest"
 	"github.com/ssefeed/caddy-ssefeed/replay"
 )
 

@@ -6,6 +6,7 @@
 package replay
 
 import (
+	"maps"
 	"sync"
 	"time"
 )
@@ -46,8 +47,8 @@ type Log struct {
 	head   int
 	next   uint64 // Seq of the next frame appended
 	bytes  int
-	ids    map[string]uint64
-	keys   map[string]uint64
+	ids    index
+	keys   index
 	wake   chan struct{}
 	closed bool
 }
@@ -57,8 +58,8 @@ func New(limits Limits) *Log {
 	return &Log{
 		limits: limits,
 		now:    time.Now,
-		ids:    make(map[string]uint64),
-		keys:   make(map[string]uint64),
+		ids:    newIndex(),
+		keys:   newIndex(),
 		wake:   make(chan struct{}),
 	}
 }
@@ -75,18 +76,20 @@ func (l *Log) Append(frames ...Frame) {
 		l.mu.Unlock()
 		return
 	}
+	// Frames that the count bound would evict at once are never stored, so
+	// a burst far over the bound costs no memory beyond it.
+	if c := l.limits.Count; c > 0 && len(frames) > c {
+		l.next += uint64(len(frames) - c)
+		frames = frames[len(frames)-c:]
+	}
 	for _, f := range frames {
 		f.Seq = l.next
 		f.Time = now
 		l.next++
 		l.frames = append(l.frames, f)
 		l.bytes += len(f.Bytes)
-		if f.ID != "" {
-			l.ids[f.ID] = f.Seq
-		}
-		if f.Key != "" {
-			l.keys[f.Key] = f.Seq
-		}
+		l.ids.set(f.ID, f.Seq)
+		l.keys.set(f.Key, f.Seq)
 	}
 	l.evict(now)
 	close(l.wake)
@@ -98,6 +101,7 @@ func (l *Log) Append(frames ...Frame) {
 // newest frame regardless of the byte bound, so that a document feed always
 // has its latest document. l.mu must be held for writing.
 func (l *Log) evict(now time.Time) {
+	evicted := false
 	for l.retained() > 0 {
 		oldest := &l.frames[l.head]
 		over := l.limits.Count > 0 && l.retained() > l.limits.Count ||
@@ -107,22 +111,30 @@ func (l *Log) evict(now time.Time) {
 			break
 		}
 		l.bytes -= len(oldest.Bytes)
-		if l.ids[oldest.ID] == oldest.Seq {
-			delete(l.ids, oldest.ID)
-		}
-		if l.keys[oldest.Key] == oldest.Seq {
-			delete(l.keys, oldest.Key)
-		}
+		l.ids.delete(oldest.ID, oldest.Seq)
+		l.keys.delete(oldest.Key, oldest.Seq)
 		*oldest = Frame{}
 		l.head++
+		evicted = true
 	}
-	// Reclaim the dead prefix once it is at least half the slice.
-	if l.head > 0 && l.head >= len(l.frames)/2 {
-		n := copy(l.frames, l.frames[l.head:])
-		clear(l.frames[n:])
-		l.frames = l.frames[:n]
+	if !evicted {
+		return
+	}
+	// Reclaim the dead prefix once it is at least half the slice, into a
+	// smaller array when a burst left one far larger than what is retained.
+	if l.head >= len(l.frames)/2 {
+		n := l.retained()
+		if c := cap(l.frames); c > minShrink && n < c/4 {
+			l.frames = append(make([]Frame, 0, max(2*n, minShrink)), l.frames[l.head:]...)
+		} else {
+			copy(l.frames, l.frames[l.head:])
+			clear(l.frames[n:])
+			l.frames = l.frames[:n]
+		}
 		l.head = 0
 	}
+	l.ids.shrink()
+	l.keys.shrink()
 }
 
 func (l *Log) retained() int { return len(l.frames) - l.head }
@@ -163,7 +175,7 @@ func (l *Log) Tail(end uint64, n int) uint64 {
 func (l *Log) After(id string) (cursor uint64, ok bool) {
 	l.mu.RLock()
 	defer l.mu.RUnlock()
-	seq, ok := l.ids[id]
+	seq, ok := l.ids.m[id]
 	if !ok {
 		return 0, false
 	}
@@ -178,30 +190,36 @@ func (l *Log) After(id string) (cursor uint64, ok bool) {
 func (l *Log) HasKey(key string) bool {
 	l.mu.RLock()
 	defer l.mu.RUnlock()
-	_, ok := l.keys[key]
+	_, ok := l.keys.m[key]
 	return ok
 }
 
-// Read appends to dst the bytes of the frames from cursor on, at most max
-// frames, and returns them with the cursor after the last one. It also
-// returns a channel that is closed when a frame is appended after them or
-// the log is closed. If frames before the log's oldest retained one were
-// requested, Read returns ErrEvicted: the reader fell too far behind.
-func (l *Log) Read(cursor uint64, dst [][]byte, max int) ([][]byte, uint64, <-chan struct{}, error) {
+// Read appends to dst the bytes of the frames from cursor on, at most
+// maxFrames frames and maxBytes bytes, though always the first frame
+// however large. It returns them with the cursor after the last one,
+// whether more frames are ready after that cursor, and a channel that is
+// closed when a frame is appended after them or the log is closed. If
+// frames before the log's oldest retained one were requested, Read returns
+// ErrEvicted: the reader fell too far behind.
+func (l *Log) Read(cursor uint64, dst [][]byte, maxFrames, maxBytes int) (frames [][]byte, next uint64, more bool, wake <-chan struct{}, err error) {
 	l.mu.RLock()
 	defer l.mu.RUnlock()
 	if l.closed {
-		return dst, cursor, nil, ErrClosed
+		return dst, cursor, false, nil, ErrClosed
 	}
 	if cursor < l.first() {
-		return dst, cursor, nil, ErrEvicted
+		return dst, cursor, false, nil, ErrEvicted
 	}
-	for i := l.head + int(cursor-l.first()); i < len(l.frames) && max > 0; i++ {
-		dst = append(dst, l.frames[i].Bytes)
+	i := l.head + int(cursor-l.first())
+	for n, size := 0, 0; i < len(l.frames) && n < maxFrames; i, n = i+1, n+1 {
+		b := l.frames[i].Bytes
+		if size += len(b); n > 0 && size > maxBytes {
+			break
+		}
+		dst = append(dst, b)
 		cursor++
-		max--
 	}
-	return dst, cursor, l.wake, nil
+	return dst, cursor, i < len(l.frames), l.wake, nil
 }
 
 // Drop evicts every retained frame, as if they had all aged out: cursors
@@ -211,12 +229,8 @@ func (l *Log) Read(cursor uint64, dst [][]byte, max int) ([][]byte, uint64, <-ch
 func (l *Log) Drop() {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	clear(l.frames)
-	l.frames = l.frames[:0]
-	l.head = 0
-	l.bytes = 0
-	clear(l.ids)
-	clear(l.keys)
+	l.frames, l.head, l.bytes = nil, 0, 0
+	l.ids, l.keys = newIndex(), newIndex()
 	if !l.closed {
 		close(l.wake)
 		l.wake = make(chan struct{})
@@ -230,6 +244,45 @@ func (l *Log) Close() {
 	if !l.closed {
 		l.closed = true
 		close(l.wake)
+	}
+}
+
+// minShrink is the smallest frame array or index that is shrunk: below it,
+// the memory is not worth the copying.
+const minShrink = 1024
+
+// index maps frame ids or keys to their Seq. A Go map keeps its memory when
+// entries are deleted, so the index builds a new map when it holds far fewer
+// entries than it once did; each entry then costs O(1) amortised.
+type index struct {
+	m    map[string]uint64
+	peak int // the most entries m held
+}
+
+func newIndex() index { return index{m: make(map[string]uint64)} }
+
+// set maps name to seq; an empty name is not indexed.
+func (x *index) set(name string, seq uint64) {
+	if name != "" {
+		x.m[name] = seq
+		x.peak = max(x.peak, len(x.m))
+	}
+}
+
+// delete removes name if it still maps to seq, which a newer frame with the
+// same name has not taken over.
+func (x *index) delete(name string, seq uint64) {
+	if s, ok := x.m[name]; ok && s == seq {
+		delete(x.m, name)
+	}
+}
+
+// shrink rebuilds the map when it holds under a quarter of its peak.
+func (x *index) shrink() {
+	if x.peak > minShrink && len(x.m) < x.peak/4 {
+		m := make(map[string]uint64, len(x.m))
+		maps.Copy(m, x.m)
+		x.m, x.peak = m, len(m)
 	}
 }
 

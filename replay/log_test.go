@@ -3,6 +3,8 @@ package replay
 import (
 	"errors"
 	"fmt"
+	"math"
+	"slices"
 	"strconv"
 	"sync"
 	"testing"
@@ -20,7 +22,7 @@ func frame(id string, n int) Frame {
 // tests put in the bytes.
 func readAll(t *testing.T, l *Log, cursor uint64) []string {
 	t.Helper()
-	frames, _, _, err := l.Read(cursor, nil, 1<<30)
+	frames, _, _, _, err := l.Read(cursor, nil, math.MaxInt, math.MaxInt)
 	if err != nil {
 		t.Fatalf("Read(%d): %v", cursor, err)
 	}
@@ -64,14 +66,10 @@ func newClockedLog(limits Limits) (*Log, *fakeClock) {
 	return l, clock
 }
 
-func equal(a, b []string) bool {
-	return fmt.Sprint(a) == fmt.Sprint(b)
-}
-
 func TestEvictByCount(t *testing.T) {
 	l := New(Limits{Count: 3})
 	appendNamed(l, "a", "b", "c", "d", "e")
-	if got := readAll(t, l, l.Tail(l.Next(), 10)); !equal(got, []string{"c", "d", "e"}) {
+	if got := readAll(t, l, l.Tail(l.Next(), 10)); !slices.Equal(got, []string{"c", "d", "e"}) {
 		t.Errorf("retained %v, want [c d e]", got)
 	}
 	if _, ok := l.After("b"); ok {
@@ -109,7 +107,7 @@ func TestEvictByBytes(t *testing.T) {
 					got = append(got, strconv.Itoa(i))
 				}
 			}
-			if !equal(got, tt.want) {
+			if !slices.Equal(got, tt.want) {
 				t.Errorf("retained %v, want %v", got, tt.want)
 			}
 		})
@@ -123,19 +121,19 @@ func TestEvictByAge(t *testing.T) {
 	appendNamed(l, "b")
 	clock.advance(31 * time.Second)
 	appendNamed(l, "c") // a is now 61s old
-	if got := readAll(t, l, l.Tail(l.Next(), 10)); !equal(got, []string{"b", "c"}) {
+	if got := readAll(t, l, l.Tail(l.Next(), 10)); !slices.Equal(got, []string{"b", "c"}) {
 		t.Errorf("after append: retained %v, want [b c]", got)
 	}
 
 	clock.advance(40 * time.Second) // b is 71s old, c 40s
 	l.Expire()
-	if got := readAll(t, l, l.Tail(l.Next(), 10)); !equal(got, []string{"c"}) {
+	if got := readAll(t, l, l.Tail(l.Next(), 10)); !slices.Equal(got, []string{"c"}) {
 		t.Errorf("after Expire: retained %v, want [c]", got)
 	}
 
 	clock.advance(time.Hour)
 	l.Expire()
-	if got := readAll(t, l, l.Tail(l.Next(), 10)); !equal(got, []string{"c"}) {
+	if got := readAll(t, l, l.Tail(l.Next(), 10)); !slices.Equal(got, []string{"c"}) {
 		t.Errorf("the newest frame must stay for a document feed; retained %v", got)
 	}
 	if _, ok := l.After("c"); ok {
@@ -167,7 +165,7 @@ func TestAfter(t *testing.T) {
 			continue
 		}
 		if ok {
-			if got := readAll(t, l, cursor); !equal(got, tt.after) {
+			if got := readAll(t, l, cursor); !slices.Equal(got, tt.after) {
 				t.Errorf("after %q read %v, want %v", tt.id, got, tt.after)
 			}
 		}
@@ -196,16 +194,16 @@ func TestTail(t *testing.T) {
 		{100, []string{"c", "d", "e", "f"}},
 	}
 	for _, tt := range tests {
-		if got := readAll(t, l, l.Tail(l.Next(), tt.n)); !equal(got, tt.want) {
+		if got := readAll(t, l, l.Tail(l.Next(), tt.n)); !slices.Equal(got, tt.want) {
 			t.Errorf("Tail(%d) reads %v, want %v", tt.n, got, tt.want)
 		}
 	}
 	// An earlier end: one frame before where e was appended.
-	if got := readAll(t, l, l.Tail(l.Next()-2, 1)); !equal(got, []string{"d", "e", "f"}) {
+	if got := readAll(t, l, l.Tail(l.Next()-2, 1)); !slices.Equal(got, []string{"d", "e", "f"}) {
 		t.Errorf("Tail(Next-2, 1) reads %v, want [d e f]", got)
 	}
 	// An end before the oldest retained frame starts at the oldest.
-	if got := readAll(t, l, l.Tail(1, 0)); !equal(got, []string{"c", "d", "e", "f"}) {
+	if got := readAll(t, l, l.Tail(1, 0)); !slices.Equal(got, []string{"c", "d", "e", "f"}) {
 		t.Errorf("Tail(1, 0) reads %v, want [c d e f]", got)
 	}
 }
@@ -215,29 +213,65 @@ func TestRead(t *testing.T) {
 	start := l.Next()
 	l.Append(Frame{ID: "a", Bytes: []byte("a")}, Frame{ID: "b", Bytes: []byte("b")})
 
-	frames, cursor, _, err := l.Read(start, nil, 1)
-	if err != nil || len(frames) != 1 || string(frames[0]) != "a" {
-		t.Fatalf("Read max 1 = %q, %v; want [a]", frames, err)
+	frames, cursor, more, _, err := l.Read(start, nil, 1, math.MaxInt)
+	if err != nil || !slices.Equal(toStrings(frames), []string{"a"}) || !more {
+		t.Fatalf("Read max 1 = %q, more %v, %v; want [a], more", frames, more, err)
 	}
-	frames, cursor, _, err = l.Read(cursor, frames, 10)
-	if err != nil || !equal(toStrings(frames), []string{"a", "b"}) {
-		t.Fatalf("Read appending to dst = %q, %v; want [a b]", frames, err)
+	frames, cursor, more, _, err = l.Read(cursor, frames, 10, math.MaxInt)
+	if err != nil || !slices.Equal(toStrings(frames), []string{"a", "b"}) || more {
+		t.Fatalf("Read appending to dst = %q, more %v, %v; want [a b], no more", frames, more, err)
 	}
 	if cursor != l.Next() {
 		t.Errorf("cursor after reading everything = %d, want Next() = %d", cursor, l.Next())
 	}
-	frames, after, _, err := l.Read(cursor, nil, 10)
-	if err != nil || len(frames) != 0 || after != cursor {
-		t.Errorf("Read at the end = %q, %d, %v; want nothing at %d", frames, after, err, cursor)
+	frames, after, more, _, err := l.Read(cursor, nil, 10, math.MaxInt)
+	if err != nil || len(frames) != 0 || after != cursor || more {
+		t.Errorf("Read at the end = %q, %d, more %v, %v; want nothing at %d", frames, after, more, err, cursor)
 	}
 
 	appendNamed(l, "c", "d") // evicts a
-	if _, _, _, err := l.Read(start, nil, 10); !errors.Is(err, ErrEvicted) {
+	if _, _, _, _, err := l.Read(start, nil, 10, math.MaxInt); !errors.Is(err, ErrEvicted) {
 		t.Errorf("Read before the oldest frame: err = %v, want ErrEvicted", err)
 	}
 	l.Close()
-	if _, _, _, err := l.Read(l.Tail(l.Next(), 1), nil, 10); !errors.Is(err, ErrClosed) {
+	if _, _, _, _, err := l.Read(l.Tail(l.Next(), 1), nil, 10, math.MaxInt); !errors.Is(err, ErrClosed) {
 		t.Errorf("Read after Close: err = %v, want ErrClosed", err)
+	}
+}
+
+func TestReadBounds(t *testing.T) {
+	l := New(Limits{})
+	appendNamed(l, "aaa", "bbb", "ccc", "dddddddddd")
+	tests := []struct {
+		name                string
+		skip                int // frames before the cursor
+		maxFrames, maxBytes int
+		want                []string
+		more                bool
+	}{
+		{"everything", 0, 10, 100, []string{"aaa", "bbb", "ccc", "dddddddddd"}, false},
+		{"frame bound", 0, 2, 100, []string{"aaa", "bbb"}, true},
+		{"byte bound reached exactly", 0, 10, 6, []string{"aaa", "bbb"}, true},
+		{"byte bound inside a frame", 0, 10, 8, []string{"aaa", "bbb"}, true},
+		{"first frame over the byte bound", 0, 10, 1, []string{"aaa"}, true},
+		{"large frame after small ones waits", 2, 10, 12, []string{"ccc"}, true},
+		{"large last frame alone", 3, 10, 5, []string{"dddddddddd"}, false},
+		{"nothing after the cursor", 4, 10, 5, nil, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			start := l.Tail(l.Next(), 4) + uint64(tt.skip)
+			frames, cursor, more, _, err := l.Read(start, nil, tt.maxFrames, tt.maxBytes)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := toStrings(frames); !slices.Equal(got, tt.want) || more != tt.more {
+				t.Errorf("Read = %q, more %v; want %q, more %v", got, more, tt.want, tt.more)
+			}
+			if cursor != start+uint64(len(frames)) {
+				t.Errorf("cursor = %d, want %d", cursor, start+uint64(len(frames)))
+			}
+		})
 	}
 }
 
@@ -260,7 +294,7 @@ func isClosed(ch <-chan struct{}) bool {
 
 func TestWake(t *testing.T) {
 	l := New(Limits{})
-	_, cursor, wake, _ := l.Read(l.Next(), nil, 10)
+	_, cursor, _, wake, _ := l.Read(l.Next(), nil, 10, math.MaxInt)
 	l.Append()
 	l.Expire()
 	if isClosed(wake) {
@@ -271,7 +305,7 @@ func TestWake(t *testing.T) {
 		t.Fatal("wake not closed by Append")
 	}
 
-	_, _, wake, _ = l.Read(cursor, nil, 10)
+	_, _, _, wake, _ = l.Read(cursor, nil, 10, math.MaxInt)
 	if isClosed(wake) {
 		t.Fatal("a fresh wake channel is already closed")
 	}
@@ -294,12 +328,66 @@ func TestMapsShrinkOnEviction(t *testing.T) {
 	}
 	l.mu.RLock()
 	defer l.mu.RUnlock()
-	if len(l.ids) != 10 || len(l.keys) != 10 || l.retained() != 10 {
+	if len(l.ids.m) != 10 || len(l.keys.m) != 10 || l.retained() != 10 {
 		t.Errorf("after 100k appends: %d ids, %d keys, %d frames; want 10 each",
-			len(l.ids), len(l.keys), l.retained())
+			len(l.ids.m), len(l.keys.m), l.retained())
 	}
 	if cap(l.frames) > 64 {
 		t.Errorf("frame slice capacity %d: the evicted prefix is not reclaimed", cap(l.frames))
+	}
+}
+
+// burst returns n frames with distinct ids and keys, as one large poll
+// gives.
+func burst(n int) []Frame {
+	frames := make([]Frame, n)
+	for i := range frames {
+		id := "burst-" + strconv.Itoa(i)
+		frames[i] = Frame{ID: id, Key: "k" + id, Bytes: []byte(id)}
+	}
+	return frames
+}
+
+// TestShrinkAfterBurst appends one burst far larger than what the log then
+// retains, and checks that the frame array and the maps do not keep the
+// burst's size once the upstream is small again.
+func TestShrinkAfterBurst(t *testing.T) {
+	const n = 50_000
+	tests := []struct {
+		name   string
+		limits Limits
+		after  func(*fakeClock) // what happens between the burst and the small polls
+	}{
+		{"count bound", Limits{Count: 1000}, func(*fakeClock) {}},
+		{"byte bound", Limits{Bytes: 1000}, func(*fakeClock) {}},
+		{"age bound", Limits{MaxAge: time.Minute}, func(c *fakeClock) { c.advance(2 * time.Minute) }},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			l, clock := newClockedLog(tt.limits)
+			l.Append(burst(n)...)
+			tt.after(clock)
+			for i := range 3 * minShrink {
+				appendNamed(l, "small-"+strconv.Itoa(i))
+			}
+			l.Expire()
+
+			l.mu.RLock()
+			retained, capacity := l.retained(), cap(l.frames)
+			idsPeak, keysPeak := l.ids.peak, l.keys.peak
+			l.mu.RUnlock()
+			if retained > 3*minShrink {
+				t.Fatalf("%d frames retained, want at most %d", retained, 3*minShrink)
+			}
+			if limit := max(4*retained, minShrink); capacity > limit || idsPeak > limit || keysPeak > limit {
+				t.Errorf("%d frames retained in an array of %d, maps sized for %d ids and %d keys; want at most %d each",
+					retained, capacity, idsPeak, keysPeak, limit)
+			}
+			newest := "small-" + strconv.Itoa(3*minShrink-1)
+			if cursor, ok := l.After(newest); !ok || cursor != l.Next() || !l.HasKey("k"+newest) {
+				t.Errorf("the newest frame is not found after shrinking: After = %d, %v", cursor, ok)
+			}
+		})
 	}
 }
 
@@ -318,7 +406,7 @@ func TestConcurrentReaders(t *testing.T) {
 			for want < frames {
 				var wake <-chan struct{}
 				var err error
-				buf, cursor, wake, err = l.Read(cursor, buf[:0], 7)
+				buf, cursor, _, wake, err = l.Read(cursor, buf[:0], 7, 20)
 				if err != nil {
 					errs <- err
 					return
@@ -349,7 +437,7 @@ func TestConcurrentReaders(t *testing.T) {
 func TestDropForgetsEveryRetainedID(t *testing.T) {
 	log := New(Limits{})
 	log.Append(Frame{ID: "a", Key: "k", Bytes: []byte("a")}, Frame{ID: "b", Bytes: []byte("b")})
-	_, _, wake, err := log.Read(log.Next(), nil, 1)
+	_, _, _, wake, err := log.Read(log.Next(), nil, 1, 1)
 	require.NoError(t, err)
 	end := log.Next()
 	log.Drop()
@@ -357,10 +445,10 @@ func TestDropForgetsEveryRetainedID(t *testing.T) {
 	require.False(t, known, "an id from before the drop is known")
 	require.False(t, log.HasKey("k"))
 	require.True(t, isClosed(wake), "Drop did not wake the waiters")
-	_, _, _, err = log.Read(0, nil, 1)
+	_, _, _, _, err = log.Read(0, nil, 1, 1)
 	require.ErrorIs(t, err, ErrEvicted)
 	log.Append(Frame{ID: "c", Bytes: []byte("c")})
-	frames, _, _, err := log.Read(end, nil, 10)
+	frames, _, _, _, err := log.Read(end, nil, 10, 1<<20)
 	require.NoError(t, err)
 	require.Equal(t, [][]byte{[]byte("c")}, frames, "a cursor at the end goes on")
 }
