@@ -2,12 +2,12 @@ package ssefeed
 
 import (
 	"bytes"
+	"crypto/sha256"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"hash/maphash"
 	"slices"
-	"strconv"
 	"strings"
 	"unicode/utf8"
 
@@ -24,9 +24,6 @@ type mapping struct {
 	data        pointer.Pointer
 	newestFirst bool
 }
-
-// elementSeed seeds the content hashes that recognise elements without ids.
-var elementSeed = maphash.MakeSeed()
 
 // errNoItems is returned when the items pointer does not select an array.
 var errNoItems = errors.New("items pointer does not select an array")
@@ -73,7 +70,10 @@ func (m *mapping) toEvent(elem json.RawMessage, byContent bool) (ev Event, key s
 		if json.Compact(&compact, elem) == nil {
 			elem = compact.Bytes()
 		}
-		key = "sum:" + strconv.FormatUint(maphash.Bytes(elementSeed, elem), 36)
+		// The hash is the same in every process, so that the instances of
+		// a cluster recognise each other's elements.
+		sum := sha256.Sum256(elem)
+		key = "sum:" + base64.RawURLEncoding.EncodeToString(sum[:16])
 	}
 	ev.Type = m.fixedType
 	if m.typ != nil {
