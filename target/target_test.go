@@ -603,3 +603,39 @@ func FuzzIdentity(f *testing.F) {
 		}
 	})
 }
+
+// BenchmarkBind measures what a subscriber's arrival costs: binding a
+// template and computing the binding's identity.
+func BenchmarkBind(b *testing.B) {
+	tmpl, err := target.Parse(fuzzTemplate, fuzzHeader)
+	if err != nil {
+		b.Fatal(err)
+	}
+	repl := requestReplacer("/events?p=42&q=open", http.Header{"X-H": {strings.Repeat("c", 200)}})
+	b.ReportAllocs()
+	for b.Loop() {
+		bound, err := tmpl.Bind(repl)
+		if err != nil {
+			b.Fatal(err)
+		}
+		_ = bound.Identity()
+	}
+}
+
+// BenchmarkRequest measures building one upstream request.
+func BenchmarkRequest(b *testing.B) {
+	tmpl, err := target.Parse(fuzzTemplate, fuzzHeader)
+	if err != nil {
+		b.Fatal(err)
+	}
+	bound, err := tmpl.Bind(requestReplacer("/events?p=42&q=open", http.Header{"X-H": {strings.Repeat("c", 200)}}))
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := bound.Request(context.Background(), "item 5"); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
