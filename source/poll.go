@@ -84,7 +84,7 @@ func (p *Poll) Run(ctx context.Context, sink Sink) {
 
 // poll makes one request and publishes the document if it changed.
 func (p *Poll) poll(ctx context.Context, client *http.Client, sink Sink) error {
-	req, err := p.newRequest(ctx, sink.LastID())
+	req, err := p.Target.Request(ctx, sink.LastID())
 	if err != nil {
 		p.Observer.UpstreamError(ReasonConnect)
 		return err

@@ -81,9 +81,10 @@ type poller struct {
 	client *http.Client
 }
 
-func newPoller(url string) *poller {
+// newPoller returns a poller of rawURL with header.
+func newPoller(t *testing.T, rawURL string, header map[string][]string) *poller {
 	obs := &fakeObserver{}
-	p := &Poll{Config: testConfig(url, obs), Interval: 10 * time.Millisecond}
+	p := &Poll{Config: testConfig(t, rawURL, header, obs), Interval: 10 * time.Millisecond}
 	client := newClient(0)
 	client.Timeout = p.Timeout
 	return &poller{Poll: p, obs: obs, sink: newFakeSink(), client: client}
@@ -115,7 +116,7 @@ func (p *poller) expectRequests(t *testing.T, requests []string, errs ...string)
 func TestPollETag(t *testing.T) {
 	u := newPollUpstream(t, `{"v":1}`)
 	u.set(`{"v":1}`, "ETag", `"v1"`)
-	p := newPoller(u.URL)
+	p := newPoller(t, u.URL, nil)
 
 	p.mustPoll(t)
 	p.sink.expectBatch(t, `{"v":1}`)
@@ -135,7 +136,7 @@ func TestPollLastModified(t *testing.T) {
 	const modified = "Sun, 01 Jun 2025 12:00:00 GMT"
 	u := newPollUpstream(t, "")
 	u.set(`[1]`, "Last-Modified", modified)
-	p := newPoller(u.URL)
+	p := newPoller(t, u.URL, nil)
 
 	p.mustPoll(t)
 	p.sink.expectBatch(t, `[1]`)
@@ -152,7 +153,7 @@ func TestPollLastModified(t *testing.T) {
 
 func TestPollWithoutValidators(t *testing.T) {
 	u := newPollUpstream(t, `{"v":1}`)
-	p := newPoller(u.URL)
+	p := newPoller(t, u.URL, nil)
 
 	p.mustPoll(t)
 	p.sink.expectBatch(t, `{"v":1}`)
@@ -196,7 +197,7 @@ func TestPollFailures(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			srv := httptest.NewServer(tt.handler)
 			defer srv.Close()
-			p := newPoller(srv.URL)
+			p := newPoller(t, srv.URL, nil)
 			if err := p.once(); err == nil {
 				t.Fatal("poll succeeded")
 			}
@@ -218,7 +219,7 @@ func TestPollHugeBody(t *testing.T) {
 		}
 	}))
 	defer srv.Close()
-	p := newPoller(srv.URL)
+	p := newPoller(t, srv.URL, nil)
 	if err := p.once(); err == nil {
 		t.Fatal("poll of a 50 MB body succeeded")
 	}
@@ -227,7 +228,7 @@ func TestPollHugeBody(t *testing.T) {
 }
 
 func TestPollRefusedConnection(t *testing.T) {
-	p := newPoller(ssetest.ClosedURL(t))
+	p := newPoller(t, ssetest.ClosedURL(t), nil)
 	if err := p.once(); err == nil {
 		t.Fatal("poll succeeded")
 	}
@@ -245,7 +246,7 @@ func TestPollTimeout(t *testing.T) {
 	}))
 	defer srv.Close()
 	defer close(release)
-	p := newPoller(srv.URL)
+	p := newPoller(t, srv.URL, nil)
 	p.client.Timeout = 50 * time.Millisecond
 	if err := p.once(); err == nil {
 		t.Fatal("poll of an upstream that never answers succeeded")
@@ -271,7 +272,7 @@ func TestPollRetryAfter(t *testing.T) {
 			w.Header().Set("Retry-After", tt.retryAfter)
 			w.WriteHeader(tt.status)
 		}))
-		p := newPoller(srv.URL)
+		p := newPoller(t, srv.URL, nil)
 		err := p.once()
 		srv.Close()
 		if err == nil {
@@ -295,8 +296,8 @@ func TestPollRedirect(t *testing.T) {
 	srv := httptest.NewServer(mux)
 	defer srv.Close()
 
-	p := newPoller(srv.URL + "/elsewhere")
-	p.Header.Set("X-Key", "k")
+	key := map[string][]string{"X-Key": {"k"}}
+	p := newPoller(t, srv.URL+"/elsewhere", key)
 	if err := p.once(); !errors.Is(err, errRedirect) {
 		t.Fatalf("redirect to another host: err = %v, want %v", err, errRedirect)
 	}
@@ -307,16 +308,14 @@ func TestPollRedirect(t *testing.T) {
 	}
 	target.mu.Unlock()
 
-	p = newPoller(srv.URL + "/moved")
-	p.Header.Set("X-Key", "k")
+	p = newPoller(t, srv.URL+"/moved", key)
 	p.mustPoll(t)
 	p.sink.expectBatch(t, `{"here":"k"}`)
 }
 
 func TestPollLastID(t *testing.T) {
 	u := newPollUpstream(t, `[]`)
-	p := newPoller(u.URL + "/items?since={sse_feed.last_id}")
-	p.Header.Set("X-Since", "{sse_feed.last_id}")
+	p := newPoller(t, u.URL+"/items?since={sse_feed.last_id}", map[string][]string{"X-Since": {"{sse_feed.last_id}"}})
 
 	p.mustPoll(t)
 	if r := u.lastRequest(t); r.URL.RawQuery != "since=" || r.Header.Get("X-Since") != "" {
@@ -360,7 +359,7 @@ func TestPollRun(t *testing.T) {
 		}
 	}
 
-	p := newPoller(srv.URL)
+	p := newPoller(t, srv.URL, nil)
 	stop := start(t, p.Poll, p.sink)
 	p.sink.expectBatch(t, `{"v":1}`)
 	waitRequests(3)
@@ -393,9 +392,8 @@ func TestPollRedirectToHTTP(t *testing.T) {
 	trust := srv.Client().Transport.(*http.Transport).TLSClientConfig
 
 	for path, want := range map[string]error{"/clear": errRedirect, "/moved": nil} {
-		p := newPoller(srv.URL + path)
+		p := newPoller(t, srv.URL+path, map[string][]string{"Authorization": {"Bearer k"}})
 		p.client.Transport.(*http.Transport).TLSClientConfig = trust
-		p.Header.Set("Authorization", "Bearer k")
 		if err := p.once(); !errors.Is(err, want) {
 			t.Fatalf("%s: err = %v, want %v", path, err, want)
 		}
@@ -411,7 +409,7 @@ func TestPollRedirectToHTTP(t *testing.T) {
 func TestPollState(t *testing.T) {
 	u := newPollUpstream(t, "")
 	u.set(`{"v":1}`, "ETag", `"v1"`, "Last-Modified", "Sun, 01 Jun 2025 12:00:00 GMT")
-	first := newPoller(u.URL)
+	first := newPoller(t, u.URL, nil)
 	if got := first.State(); !reflect.DeepEqual(got, PollState{}) {
 		t.Fatalf("state before any poll = %+v, want zero", got)
 	}
@@ -433,7 +431,7 @@ func TestPollState(t *testing.T) {
 		t.Fatalf("state through JSON %s = %+v, want %+v", data, restored, state)
 	}
 
-	second := newPoller(u.URL)
+	second := newPoller(t, u.URL, nil)
 	second.Restore(restored)
 	restored.BodyHash[0]++ // the poller keeps its own copy
 	second.mustPoll(t)
@@ -445,7 +443,7 @@ func TestPollState(t *testing.T) {
 
 	// Without validators, the body hash tells the document is the same.
 	u.set(`{"v":1}`)
-	third := newPoller(u.URL)
+	third := newPoller(t, u.URL, nil)
 	third.Restore(PollState{BodyHash: state.BodyHash})
 	third.mustPoll(t)
 	third.sink.expectUnchanged(t)

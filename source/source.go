@@ -16,8 +16,9 @@ import (
 	"strings"
 	"time"
 
-	"github.com/caddyserver/caddy/v2"
 	"go.uber.org/zap"
+
+	"github.com/ssefeed/caddy-ssefeed/target"
 )
 
 // Sink receives what a source reads.
@@ -44,11 +45,12 @@ type Observer interface {
 
 // Config is what both sources need to reach an upstream.
 type Config struct {
-	// URL may hold Caddy placeholders and {sse_feed.last_id}, the id of the
-	// last event published, URL-escaped. CheckURL tells whether it will do.
-	URL string
-	// Header values may hold Caddy placeholders and {sse_feed.last_id}.
-	Header http.Header
+	// Target builds each upstream request, given the id of the last event
+	// published.
+	Target *target.Bound
+	// Redacted is the upstream's URL as logs show it, without secrets: the
+	// template's Redacted.
+	Redacted string
 	// Timeout bounds a poll request, or a tail request until its headers.
 	Timeout time.Duration
 	// ReadTimeout bounds the silence of a tailed stream: when no byte
@@ -113,34 +115,14 @@ func origin(u *url.URL) string {
 }
 
 // redact returns err with the URL that a *url.Error carries, the expanded
-// one which may hold secrets from placeholders, replaced by the configured
-// URL without its query, fragment and user info. Only redacted errors are
-// logged.
+// one which may hold secrets from placeholders, replaced by c.Redacted. Only
+// redacted errors are logged.
 func (c *Config) redact(err error) error {
 	var ue *url.Error
 	if !errors.As(err, &ue) {
 		return err
 	}
-	return &url.Error{Op: ue.Op, URL: redactURL(c.URL), Err: ue.Err}
-}
-
-// redactURL returns raw, a URL template, without its query, fragment and
-// user info.
-func redactURL(raw string) string {
-	raw, _, _ = strings.Cut(raw, "#")
-	raw, _, _ = strings.Cut(raw, "?")
-	scheme, rest := "", raw
-	if i := strings.Index(raw, "://"); i >= 0 {
-		scheme, rest = raw[:i+3], raw[i+3:]
-	}
-	authority, path := rest, ""
-	if i := strings.IndexByte(rest, '/'); i >= 0 {
-		authority, path = rest[:i], rest[i:]
-	}
-	if i := strings.LastIndexByte(authority, '@'); i >= 0 {
-		authority = authority[i+1:]
-	}
-	return scheme + authority + path
+	return &url.Error{Op: ue.Op, URL: c.Redacted, Err: ue.Err}
 }
 
 // failed records a request that failed for reason, unless ctx has ended: a
@@ -151,23 +133,6 @@ func (c *Config) failed(ctx context.Context, reason string) {
 	}
 	c.Observer.UpstreamRequest("error")
 	c.Observer.UpstreamError(reason)
-}
-
-// newRequest builds the upstream GET, replacing placeholders in the URL and
-// header values; the last id is URL-escaped.
-func (c *Config) newRequest(ctx context.Context, lastID string) (*http.Request, error) {
-	repl := caddy.NewReplacer()
-	repl.Set("sse_feed.last_id", url.QueryEscape(lastID))
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, repl.ReplaceAll(c.URL, ""), nil)
-	if err != nil {
-		return nil, err
-	}
-	for name, values := range c.Header {
-		for _, v := range values {
-			req.Header.Add(name, repl.ReplaceAll(v, ""))
-		}
-	}
-	return req, nil
 }
 
 // statusError is a non-2xx upstream answer.

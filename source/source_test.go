@@ -10,7 +10,6 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
-	"net/url"
 	"slices"
 	"strings"
 	"sync"
@@ -23,6 +22,7 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/ssefeed/caddy-ssefeed/internal/ssetest"
+	"github.com/ssefeed/caddy-ssefeed/target"
 )
 
 // fakeObserver records what a source reports.
@@ -134,11 +134,22 @@ func (s *fakeSink) expectNothing(t *testing.T) {
 	}
 }
 
-// testConfig returns a config for url with small limits and fast retries.
-func testConfig(url string, obs Observer) Config {
+// testConfig returns a config for a request to rawURL with header, both
+// templates without request placeholders, with small limits and fast
+// retries.
+func testConfig(t testing.TB, rawURL string, header map[string][]string, obs Observer) Config {
+	t.Helper()
+	tmpl, err := target.Parse(rawURL, header)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bound, err := tmpl.Bind(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
 	return Config{
-		URL:      url,
-		Header:   http.Header{},
+		Target:   bound,
+		Redacted: tmpl.Redacted(),
 		Timeout:  2 * time.Second,
 		MaxBody:  1 << 10,
 		Backoff:  Backoff{Initial: 10 * time.Millisecond, Max: 50 * time.Millisecond},
@@ -299,58 +310,6 @@ func TestParseRetryAfter(t *testing.T) {
 	}
 }
 
-func TestNewRequestReplacesLastID(t *testing.T) {
-	c := testConfig("http://127.0.0.1/items?since={sse_feed.last_id}&limit=10", nil)
-	c.Header.Set("X-Since", "{sse_feed.last_id}")
-	c.Header.Add("X-Both", "a")
-	c.Header.Add("X-Both", "b")
-	tests := []struct{ lastID, escaped string }{
-		{"", ""},
-		{"42", "42"},
-		{"a b&c", "a+b%26c"},
-		{"x/y?z=#", "x%2Fy%3Fz%3D%23"},
-	}
-	for _, tt := range tests {
-		req, err := c.newRequest(context.Background(), tt.lastID)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if want := "since=" + tt.escaped + "&limit=10"; req.URL.RawQuery != want {
-			t.Errorf("last id %q: query %q, want %q", tt.lastID, req.URL.RawQuery, want)
-		}
-		if got := req.Header.Get("X-Since"); got != tt.escaped {
-			t.Errorf("last id %q: header %q, want %q", tt.lastID, got, tt.escaped)
-		}
-		if got := req.Header.Values("X-Both"); !slices.Equal(got, []string{"a", "b"}) {
-			t.Errorf("repeated header = %q, want [a b]", got)
-		}
-	}
-}
-
-// FuzzLastID checks that any last id reaches the upstream intact: the query
-// parameter decodes to it, and the header carries its escaped form, which
-// never holds a line break or a Caddy placeholder.
-func FuzzLastID(f *testing.F) {
-	f.Add("a b&c")
-	f.Add("{env.HOME}")
-	f.Add("\x00\r\n\xff%+#?/")
-	f.Add("{sse_feed.last_id}")
-	c := testConfig("http://127.0.0.1/items?since={sse_feed.last_id}", nil)
-	c.Header.Set("X-Since", "{sse_feed.last_id}")
-	f.Fuzz(func(t *testing.T, lastID string) {
-		req, err := c.newRequest(context.Background(), lastID)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if got := req.URL.Query().Get("since"); got != lastID {
-			t.Errorf("query since = %q, want %q", got, lastID)
-		}
-		if got, want := req.Header.Get("X-Since"), url.QueryEscape(lastID); got != want {
-			t.Errorf("header = %q, want %q", got, want)
-		}
-	})
-}
-
 // FuzzRetryAfter checks that no Retry-After value makes a negative delay or
 // one longer than maxRetryAfter.
 func FuzzRetryAfter(f *testing.F) {
@@ -397,23 +356,6 @@ func TestRedirectStaysOnOrigin(t *testing.T) {
 		err := client.CheckRedirect(to, []*http.Request{from})
 		if tt.follow && err != nil || !tt.follow && !errors.Is(err, errRedirect) {
 			t.Errorf("redirect from %s to %s: %v, want followed %v", tt.from, tt.to, err, tt.follow)
-		}
-	}
-}
-
-func TestRedactURL(t *testing.T) {
-	tests := []struct{ raw, want string }{
-		{"https://api.example/items", "https://api.example/items"},
-		{"https://api.example/items?key={env.KEY}&since={sse_feed.last_id}", "https://api.example/items"},
-		{"https://user:{env.PASS}@api.example:8443/a/{env.ID}#frag", "https://api.example:8443/a/{env.ID}"},
-		{"https://a@b@api.example", "https://api.example"},
-		{"https://api.example?key=k", "https://api.example"},
-		{"not-a-url?key=k", "not-a-url"},
-		{"user:pass@host/x", "host/x"},
-	}
-	for _, tt := range tests {
-		if got := redactURL(tt.raw); got != tt.want {
-			t.Errorf("redactURL(%q) = %q, want %q", tt.raw, got, tt.want)
 		}
 	}
 }
@@ -477,8 +419,7 @@ func TestSecretsNeverLogged(t *testing.T) {
 		for _, kind := range kinds {
 			t.Run(upstream+" "+kind, func(t *testing.T) {
 				core, logs := observer.New(zapcore.DebugLevel)
-				c := testConfig(base+template, &fakeObserver{})
-				c.Header.Set("Authorization", "Bearer {env.SSEFEED_TEST_TOKEN}")
+				c := testConfig(t, base+template, map[string][]string{"Authorization": {"Bearer {env.SSEFEED_TEST_TOKEN}"}}, &fakeObserver{})
 				c.Logger = zap.New(core)
 				stop := start(t, newSource(kind, c), newFakeSink())
 				waitFor(t, func() bool { return logs.FilterMessageSnippet("failed").Len() > 0 })
@@ -488,7 +429,7 @@ func TestSecretsNeverLogged(t *testing.T) {
 					if strings.Contains(entry.Message+fields, secret) {
 						t.Errorf("logged the secret: %s %s", entry.Message, fields)
 					}
-					if !strings.Contains(fields, redactURL(base+template)) {
+					if !strings.Contains(fields, c.Redacted) {
 						t.Errorf("logged no redacted URL: %s %s", entry.Message, fields)
 					}
 				}
@@ -514,7 +455,7 @@ func TestStopIsNoFault(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			u := newTailUpstream(t, tt.respond)
 			obs := &fakeObserver{}
-			stop := start(t, newSource(tt.kind, testConfig(u.URL, obs)), newFakeSink())
+			stop := start(t, newSource(tt.kind, testConfig(t, u.URL, nil, obs)), newFakeSink())
 			waitFor(t, func() bool { u.mu.Lock(); defer u.mu.Unlock(); return len(u.requests) == 1 })
 			if tt.requests != nil {
 				waitFor(t, func() bool { requests, _ := obs.calls(); return len(requests) > 0 })
@@ -545,7 +486,7 @@ func TestStopClosesConnections(t *testing.T) {
 	srv.Start()
 	defer srv.Close()
 
-	c := testConfig(srv.URL, &fakeObserver{})
+	c := testConfig(t, srv.URL, nil, &fakeObserver{})
 	c.Backoff = Backoff{Initial: time.Hour, Max: time.Hour}
 	for _, kind := range kinds {
 		t.Run(kind, func(t *testing.T) {

@@ -59,7 +59,7 @@ func (t *Tail) Run(ctx context.Context, sink Sink) {
 func (t *Tail) stream(ctx context.Context, client *http.Client, sink Sink) (bool, error) {
 	reqCtx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
-	req, err := t.newRequest(reqCtx, sink.LastID())
+	req, err := t.Target.Request(reqCtx, sink.LastID())
 	if err != nil {
 		t.Observer.UpstreamError(ReasonConnect)
 		return false, err

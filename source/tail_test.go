@@ -79,12 +79,12 @@ func streamFrom(send <-chan string) func(int, http.ResponseWriter, *http.Request
 	return func(_ int, w http.ResponseWriter, r *http.Request) { stream(w, r, send) }
 }
 
-// runTail runs a Tail of url into sink until the test ends, and returns its
-// observer.
-func runTail(t *testing.T, url string, sink *fakeSink, configure func(*Config)) *fakeObserver {
+// runTail runs a Tail of rawURL with header into sink until the test ends,
+// and returns its observer.
+func runTail(t *testing.T, rawURL string, header map[string][]string, sink *fakeSink, configure func(*Config)) *fakeObserver {
 	t.Helper()
 	obs := &fakeObserver{}
-	tail := &Tail{Config: testConfig(url, obs)}
+	tail := &Tail{Config: testConfig(t, rawURL, header, obs)}
 	if configure != nil {
 		configure(&tail.Config)
 	}
@@ -96,7 +96,7 @@ func TestTailBatches(t *testing.T) {
 	send := make(chan string)
 	u := newTailUpstream(t, streamFrom(send))
 	sink := newFakeSink()
-	obs := runTail(t, u.URL, sink, nil)
+	obs := runTail(t, u.URL, nil, sink, nil)
 
 	send <- "[1]\n[2]\n"
 	sink.expectBatch(t, "[1]", "[2]")
@@ -115,7 +115,7 @@ func TestTailSkipsBadLines(t *testing.T) {
 	send := make(chan string)
 	u := newTailUpstream(t, streamFrom(send))
 	sink := newFakeSink()
-	obs := runTail(t, u.URL, sink, func(c *Config) { c.MaxBody = 16 })
+	obs := runTail(t, u.URL, nil, sink, func(c *Config) { c.MaxBody = 16 })
 
 	send <- "\"a\"\n{bad\n\n[\"" + strings.Repeat("x", 40) + "\"]\n\"b\"\n"
 	sink.expectBatch(t, `"a"`, `"b"`)
@@ -149,8 +149,7 @@ func TestTailReconnects(t *testing.T) {
 	})
 	sink := newFakeSink()
 	sink.setLastID("a b&c")
-	obs := runTail(t, u.URL+"/?since={sse_feed.last_id}", sink, func(c *Config) {
-		c.Header.Set("X-Since", "{sse_feed.last_id}")
+	obs := runTail(t, u.URL+"/?since={sse_feed.last_id}", map[string][]string{"X-Since": {"{sse_feed.last_id}"}}, sink, func(c *Config) {
 		c.Timeout = 100 * time.Millisecond
 	})
 
@@ -179,7 +178,7 @@ func TestTailLineNeverEnds(t *testing.T) {
 	send := make(chan string)
 	u := newTailUpstream(t, streamFrom(send))
 	sink := newFakeSink()
-	obs := runTail(t, u.URL, sink, nil)
+	obs := runTail(t, u.URL, nil, sink, nil)
 
 	chunk := strings.Repeat("x", 1<<20)
 	for range 8 {
@@ -200,7 +199,7 @@ func TestTailRedirect(t *testing.T) {
 		http.Redirect(w, r, other.URL, http.StatusFound)
 	})
 	sink := newFakeSink()
-	obs := runTail(t, u.URL, sink, nil)
+	obs := runTail(t, u.URL, nil, sink, nil)
 	waitFor(t, func() bool { u.mu.Lock(); defer u.mu.Unlock(); return len(u.requests) >= 2 })
 	sink.expectNothing(t)
 	other.mu.Lock()
@@ -217,7 +216,7 @@ func TestTailPassesInvalidUTF8(t *testing.T) {
 	send := make(chan string)
 	u := newTailUpstream(t, streamFrom(send))
 	sink := newFakeSink()
-	runTail(t, u.URL, sink, nil)
+	runTail(t, u.URL, nil, sink, nil)
 
 	send <- "{\"s\":\"\xff\xfe\"}\n"
 	sink.expectBatch(t, "{\"s\":\"\xff\xfe\"}")
@@ -236,7 +235,7 @@ func TestTailLastIDOnReconnect(t *testing.T) {
 		stream(w, r, send)
 	})
 	sink := newFakeSink()
-	runTail(t, u.URL+"/?since={sse_feed.last_id}", sink, nil)
+	runTail(t, u.URL+"/?since={sse_feed.last_id}", nil, sink, nil)
 	waitFor(t, func() bool { u.mu.Lock(); defer u.mu.Unlock(); return len(u.requests) == 1 })
 	sink.setLastID("42")
 	close(cut)
@@ -315,7 +314,7 @@ func TestTailReadTimeout(t *testing.T) {
 	})
 	sink := newFakeSink()
 	core, logs := observer.New(zapcore.WarnLevel)
-	obs := runTail(t, u.URL, sink, func(c *Config) {
+	obs := runTail(t, u.URL, nil, sink, func(c *Config) {
 		c.ReadTimeout = 100 * time.Millisecond
 		c.Logger = zap.New(core)
 	})
