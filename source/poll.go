@@ -58,8 +58,7 @@ func (p *Poll) Restore(s PollState) {
 // Run polls until ctx ends. It may be called again after it returns; the
 // state of the last document carries over.
 func (p *Poll) Run(ctx context.Context, sink Sink) {
-	client := newClient(0)
-	client.Timeout = p.Timeout
+	client := p.newClient()
 	defer client.CloseIdleConnections()
 	failures := 0
 	for {
@@ -82,11 +81,19 @@ func (p *Poll) Run(ctx context.Context, sink Sink) {
 	}
 }
 
-// poll makes one request and publishes the document if it changed.
+// newClient returns the client of a Run, whose timeout bounds a whole poll.
+func (p *Poll) newClient() *http.Client {
+	client := newClient(0)
+	client.Timeout = p.Timeout
+	return client
+}
+
+// poll makes one request and publishes the document if it changed. Every
+// response is answered to sink, whatever follows: a 2xx whose body is too
+// large or not JSON publishes nothing.
 func (p *Poll) poll(ctx context.Context, client *http.Client, sink Sink) error {
-	req, err := p.Target.Request(ctx, sink.LastID())
+	req, err := p.newRequest(ctx, sink)
 	if err != nil {
-		p.Observer.UpstreamError(ReasonConnect)
 		return err
 	}
 	if p.state.ETag != "" {
@@ -95,15 +102,13 @@ func (p *Poll) poll(ctx context.Context, client *http.Client, sink Sink) error {
 	if p.state.LastModified != "" {
 		req.Header.Set("If-Modified-Since", p.state.LastModified)
 	}
-	resp, err := client.Do(req)
+	resp, err := p.send(ctx, client, req, sink)
 	if err != nil {
-		p.failed(ctx, ReasonConnect)
 		return err
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode == http.StatusNotModified {
 		p.Observer.UpstreamRequest("not_modified")
-		sink.Publish(nil)
 		return nil
 	}
 	body, reason, err := p.readBody(resp)
@@ -117,8 +122,6 @@ func (p *Poll) poll(ctx context.Context, client *http.Client, sink Sink) error {
 	if hash := sha256.Sum256(body); !bytes.Equal(hash[:], p.state.BodyHash) {
 		p.state.BodyHash = hash[:]
 		sink.Publish([]json.RawMessage{body})
-	} else {
-		sink.Publish(nil)
 	}
 	return nil
 }

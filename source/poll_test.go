@@ -13,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/require"
+
 	"github.com/ssefeed/caddy-ssefeed/internal/ssetest"
 )
 
@@ -85,9 +87,7 @@ type poller struct {
 func newPoller(t *testing.T, rawURL string, header map[string][]string) *poller {
 	obs := &fakeObserver{}
 	p := &Poll{Config: testConfig(t, rawURL, header, obs), Interval: 10 * time.Millisecond}
-	client := newClient(0)
-	client.Timeout = p.Timeout
-	return &poller{Poll: p, obs: obs, sink: newFakeSink(), client: client}
+	return &poller{Poll: p, obs: obs, sink: newFakeSink(), client: p.newClient()}
 }
 
 // once makes one poll.
@@ -301,7 +301,7 @@ func TestPollRedirect(t *testing.T) {
 	if err := p.once(); !errors.Is(err, errRedirect) {
 		t.Fatalf("redirect to another host: err = %v, want %v", err, errRedirect)
 	}
-	p.sink.expectNothing(t)
+	require.Equal(t, []sinkCall{answered(0)}, p.sink.takeCalls(), "a refused redirect is no answer")
 	target.mu.Lock()
 	if n := len(target.requests); n != 0 {
 		t.Errorf("the other host got %d requests", n)
@@ -439,14 +439,14 @@ func TestPollState(t *testing.T) {
 	if r.Header.Get("If-None-Match") != `"v1"` || r.Header.Get("If-Modified-Since") != state.LastModified {
 		t.Fatalf("restored poller sent validators %q and %q", r.Header.Get("If-None-Match"), r.Header.Get("If-Modified-Since"))
 	}
-	second.sink.expectUnchanged(t)
+	require.Equal(t, []sinkCall{answered(http.StatusNotModified)}, second.sink.takeCalls())
 
 	// Without validators, the body hash tells the document is the same.
 	u.set(`{"v":1}`)
 	third := newPoller(t, u.URL, nil)
 	third.Restore(PollState{BodyHash: state.BodyHash})
 	third.mustPoll(t)
-	third.sink.expectUnchanged(t)
+	require.Equal(t, []sinkCall{answered(http.StatusOK)}, third.sink.takeCalls())
 	if !reflect.DeepEqual(third.State(), PollState{BodyHash: state.BodyHash}) {
 		t.Fatalf("state after an unchanged poll = %+v", third.State())
 	}

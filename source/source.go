@@ -23,11 +23,14 @@ import (
 
 // Sink receives what a source reads.
 type Sink interface {
-	// Publish hands over values that arrived together, oldest first. For a
-	// polled source the batch is a single document, the upstream's whole
-	// answer, or empty when the document has not changed: a poll publishes
-	// after every successful request, so the sink knows the upstream
-	// answered. For a tailed source each value is one NDJSON line.
+	// Answered tells the sink the status of an upstream answer, before any
+	// value of it is published: the response's status code, or 0 when no
+	// response came (a network error, a timeout, a refused redirect). A poll
+	// calls it for every request, a tail for every connection. A source
+	// stopped mid-request calls it not at all.
+	Answered(status int)
+	// Publish hands over values that arrived together, oldest first: a
+	// changed polled document, or NDJSON lines. It is never called empty.
 	Publish(values []json.RawMessage)
 	// LastID returns the id of the last event published, or "".
 	LastID() string
@@ -133,6 +136,32 @@ func (c *Config) failed(ctx context.Context, reason string) {
 	}
 	c.Observer.UpstreamRequest("error")
 	c.Observer.UpstreamError(reason)
+}
+
+// newRequest builds the upstream request. When it cannot, the fault is
+// recorded and sink told that no response came.
+func (c *Config) newRequest(ctx context.Context, sink Sink) (*http.Request, error) {
+	req, err := c.Target.Request(ctx, sink.LastID())
+	if err != nil {
+		c.Observer.UpstreamError(ReasonConnect)
+		sink.Answered(0)
+	}
+	return req, err
+}
+
+// send makes the request and tells sink the response's status, or, unless
+// ctx has ended, records the failure and tells sink that no response came.
+func (c *Config) send(ctx context.Context, client *http.Client, req *http.Request, sink Sink) (*http.Response, error) {
+	resp, err := client.Do(req)
+	if err != nil {
+		if ctx.Err() == nil {
+			c.failed(ctx, ReasonConnect)
+			sink.Answered(0)
+		}
+		return nil, err
+	}
+	sink.Answered(resp.StatusCode)
+	return resp, nil
 }
 
 // statusError is a non-2xx upstream answer.

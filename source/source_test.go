@@ -17,6 +17,7 @@ import (
 	"testing/iotest"
 	"time"
 
+	"github.com/stretchr/testify/require"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest/observer"
@@ -51,30 +52,48 @@ func (o *fakeObserver) calls() (requests, errors []string) {
 	return slices.Clone(o.requests), slices.Clone(o.errors)
 }
 
-// fakeSink records published batches and serves a settable last id.
+// sinkCall is one call a source made to its sink: Answered(status), or
+// Publish(values).
+type sinkCall struct {
+	answered bool
+	status   int
+	values   []string
+}
+
+// answered is the call Answered(status).
+func answered(status int) sinkCall { return sinkCall{answered: true, status: status} }
+
+// published is the call Publish(values).
+func published(values ...string) sinkCall { return sinkCall{values: values} }
+
+// fakeSink records the calls a source makes, passes each published batch
+// on, and serves a settable last id.
 type fakeSink struct {
 	batches chan []string
 
-	mu        sync.Mutex
-	lastID    string
-	unchanged int // empty batches published
+	mu     sync.Mutex
+	lastID string
+	calls  []sinkCall
 }
 
 func newFakeSink() *fakeSink {
 	return &fakeSink{batches: make(chan []string, 100)}
 }
 
+func (s *fakeSink) Answered(status int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.calls = append(s.calls, answered(status))
+}
+
 func (s *fakeSink) Publish(values []json.RawMessage) {
-	if len(values) == 0 {
-		s.mu.Lock()
-		s.unchanged++
-		s.mu.Unlock()
-		return
-	}
 	batch := make([]string, len(values))
 	for i, v := range values {
 		batch[i] = string(v)
 	}
+	s.mu.Lock()
+	s.calls = append(s.calls, published(batch...))
+	s.mu.Unlock()
 	s.batches <- batch
 }
 
@@ -88,6 +107,15 @@ func (s *fakeSink) setLastID(id string) {
 	s.mu.Lock()
 	s.lastID = id
 	s.mu.Unlock()
+}
+
+// takeCalls returns the calls made since the last takeCalls.
+func (s *fakeSink) takeCalls() []sinkCall {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	calls := s.calls
+	s.calls = nil
+	return calls
 }
 
 // next returns the next published batch, failing the test if none comes
@@ -109,19 +137,6 @@ func (s *fakeSink) expectBatch(t *testing.T, want ...string) {
 	if got := s.next(t); !slices.Equal(got, want) {
 		t.Fatalf("published %q, want %q", got, want)
 	}
-}
-
-// expectUnchanged fails the test unless exactly one empty batch, and no
-// other, was published since the last call.
-func (s *fakeSink) expectUnchanged(t *testing.T) {
-	t.Helper()
-	s.expectNothing(t)
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.unchanged != 1 {
-		t.Fatalf("published %d empty batches, want 1", s.unchanged)
-	}
-	s.unchanged = 0
 }
 
 // expectNothing fails the test if anything was published.
@@ -439,23 +454,26 @@ func TestSecretsNeverLogged(t *testing.T) {
 }
 
 // TestStopIsNoFault checks that a source stopped in the middle of a request
-// or a stream counts no upstream error.
+// or a stream counts no upstream error and tells its sink of no answer it
+// did not get.
 func TestStopIsNoFault(t *testing.T) {
 	awaiting := func(_ int, w http.ResponseWriter, r *http.Request) { hang(w, r) }
 	tests := []struct {
 		name, kind string
 		respond    func(n int, w http.ResponseWriter, r *http.Request)
 		requests   []string
+		calls      []sinkCall
 	}{
-		{"poll awaiting an answer", "poll", awaiting, nil},
-		{"tail awaiting headers", "tail", awaiting, nil},
-		{"tail streaming", "tail", streamFrom(nil), []string{"ok"}},
+		{"poll awaiting an answer", "poll", awaiting, nil, nil},
+		{"tail awaiting headers", "tail", awaiting, nil, nil},
+		{"tail streaming", "tail", streamFrom(nil), []string{"ok"}, []sinkCall{answered(http.StatusOK)}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			u := newTailUpstream(t, tt.respond)
 			obs := &fakeObserver{}
-			stop := start(t, newSource(tt.kind, testConfig(t, u.URL, nil, obs)), newFakeSink())
+			sink := newFakeSink()
+			stop := start(t, newSource(tt.kind, testConfig(t, u.URL, nil, obs)), sink)
 			waitFor(t, func() bool { u.mu.Lock(); defer u.mu.Unlock(); return len(u.requests) == 1 })
 			if tt.requests != nil {
 				waitFor(t, func() bool { requests, _ := obs.calls(); return len(requests) > 0 })
@@ -465,7 +483,90 @@ func TestStopIsNoFault(t *testing.T) {
 			if !slices.Equal(requests, tt.requests) || len(errs) != 0 {
 				t.Errorf("observed requests %q and errors %q, want %q and none", requests, errs, tt.requests)
 			}
+			require.Equal(t, tt.calls, sink.takeCalls())
 		})
+	}
+}
+
+// TestAnswered checks what each source tells its sink of each kind of
+// answer, request after request (a poll) or connection after connection (a
+// tail): every status comes before the values of its answer, a network
+// error or a timeout is status 0, and nothing is published empty.
+func TestAnswered(t *testing.T) {
+	const ok, notModified = http.StatusOK, http.StatusNotModified
+	tests := []struct {
+		name    string
+		respond func(n int, w http.ResponseWriter, r *http.Request) // nil: the connection is refused
+		// requests is the number of polls or connections made.
+		requests   int
+		poll, tail []sinkCall
+	}{
+		{"200 new", func(n int, w http.ResponseWriter, r *http.Request) {
+			fmt.Fprintf(w, "[%d]", n)
+		}, 2,
+			[]sinkCall{answered(ok), published("[0]"), answered(ok), published("[1]")},
+			[]sinkCall{answered(ok), published("[0]"), answered(ok), published("[1]")}},
+		{"200 unchanged", func(n int, w http.ResponseWriter, r *http.Request) {
+			w.Write([]byte("[1]"))
+		}, 2,
+			[]sinkCall{answered(ok), published("[1]"), answered(ok)},
+			[]sinkCall{answered(ok), published("[1]"), answered(ok), published("[1]")}},
+		{"304", func(n int, w http.ResponseWriter, r *http.Request) {
+			if n > 0 {
+				w.WriteHeader(notModified)
+				return
+			}
+			w.Header().Set("ETag", `"v1"`)
+			w.Write([]byte("[1]"))
+		}, 2,
+			[]sinkCall{answered(ok), published("[1]"), answered(notModified)},
+			[]sinkCall{answered(ok), published("[1]"), answered(notModified)}},
+		{"200 not JSON", func(n int, w http.ResponseWriter, r *http.Request) {
+			w.Write([]byte("{bad"))
+		}, 1, []sinkCall{answered(ok)}, []sinkCall{answered(ok)}},
+		{"401", func(n int, w http.ResponseWriter, r *http.Request) {
+			w.WriteHeader(http.StatusUnauthorized)
+		}, 1, []sinkCall{answered(http.StatusUnauthorized)}, []sinkCall{answered(http.StatusUnauthorized)}},
+		{"503", func(n int, w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Retry-After", "120")
+			w.WriteHeader(http.StatusServiceUnavailable)
+		}, 1, []sinkCall{answered(http.StatusServiceUnavailable)}, []sinkCall{answered(http.StatusServiceUnavailable)}},
+		{"no answer in time", func(n int, w http.ResponseWriter, r *http.Request) {
+			hang(w, r)
+		}, 1, []sinkCall{answered(0)}, []sinkCall{answered(0)}},
+		{"connection refused", nil, 1, []sinkCall{answered(0)}, []sinkCall{answered(0)}},
+	}
+	for _, tt := range tests {
+		for _, kind := range kinds {
+			t.Run(tt.name+" "+kind, func(t *testing.T) {
+				upstream := ssetest.ClosedURL(t)
+				if tt.respond != nil {
+					upstream = newTailUpstream(t, tt.respond).URL
+				}
+				c := testConfig(t, upstream, nil, &fakeObserver{})
+				c.Timeout = 300 * time.Millisecond
+				sink := newFakeSink()
+				ctx := context.Background()
+				want := tt.tail
+				if kind == "poll" {
+					want = tt.poll
+					p := &Poll{Config: c}
+					client := p.newClient()
+					defer client.CloseIdleConnections()
+					for range tt.requests {
+						p.poll(ctx, client, sink)
+					}
+				} else {
+					tail := &Tail{Config: c}
+					client := newClient(c.Timeout)
+					defer client.CloseIdleConnections()
+					for range tt.requests {
+						tail.stream(ctx, client, sink)
+					}
+				}
+				require.Equal(t, want, sink.takeCalls())
+			})
+		}
 	}
 }
 

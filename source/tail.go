@@ -59,14 +59,12 @@ func (t *Tail) Run(ctx context.Context, sink Sink) {
 func (t *Tail) stream(ctx context.Context, client *http.Client, sink Sink) (bool, error) {
 	reqCtx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
-	req, err := t.Target.Request(reqCtx, sink.LastID())
+	req, err := t.newRequest(reqCtx, sink)
 	if err != nil {
-		t.Observer.UpstreamError(ReasonConnect)
 		return false, err
 	}
-	resp, err := client.Do(req)
+	resp, err := t.send(ctx, client, req, sink)
 	if err != nil {
-		t.failed(ctx, ReasonConnect)
 		return false, err
 	}
 	defer resp.Body.Close()
