@@ -3,7 +3,6 @@ package source
 import (
 	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -12,7 +11,6 @@ import (
 	"net/http/httptest"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"testing/iotest"
 	"time"
@@ -23,155 +21,7 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/ssefeed/caddy-ssefeed/internal/ssetest"
-	"github.com/ssefeed/caddy-ssefeed/target"
 )
-
-// fakeObserver records what a source reports.
-type fakeObserver struct {
-	mu       sync.Mutex
-	requests []string
-	errors   []string
-}
-
-func (o *fakeObserver) UpstreamRequest(result string) {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	o.requests = append(o.requests, result)
-}
-
-func (o *fakeObserver) UpstreamError(reason string) {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	o.errors = append(o.errors, reason)
-}
-
-// calls returns copies of the results and reasons recorded so far.
-func (o *fakeObserver) calls() (requests, errors []string) {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	return slices.Clone(o.requests), slices.Clone(o.errors)
-}
-
-// sinkCall is one call a source made to its sink: Answered(status), or
-// Publish(values).
-type sinkCall struct {
-	answered bool
-	status   int
-	values   []string
-}
-
-// answered is the call Answered(status).
-func answered(status int) sinkCall { return sinkCall{answered: true, status: status} }
-
-// published is the call Publish(values).
-func published(values ...string) sinkCall { return sinkCall{values: values} }
-
-// fakeSink records the calls a source makes, passes each published batch
-// on, and serves a settable last id.
-type fakeSink struct {
-	batches chan []string
-
-	mu     sync.Mutex
-	lastID string
-	calls  []sinkCall
-}
-
-func newFakeSink() *fakeSink {
-	return &fakeSink{batches: make(chan []string, 100)}
-}
-
-func (s *fakeSink) Answered(status int) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.calls = append(s.calls, answered(status))
-}
-
-func (s *fakeSink) Publish(values []json.RawMessage) {
-	batch := make([]string, len(values))
-	for i, v := range values {
-		batch[i] = string(v)
-	}
-	s.mu.Lock()
-	s.calls = append(s.calls, published(batch...))
-	s.mu.Unlock()
-	s.batches <- batch
-}
-
-func (s *fakeSink) LastID() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.lastID
-}
-
-func (s *fakeSink) setLastID(id string) {
-	s.mu.Lock()
-	s.lastID = id
-	s.mu.Unlock()
-}
-
-// takeCalls returns the calls made since the last takeCalls.
-func (s *fakeSink) takeCalls() []sinkCall {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	calls := s.calls
-	s.calls = nil
-	return calls
-}
-
-// next returns the next published batch, failing the test if none comes
-// within 5s.
-func (s *fakeSink) next(t *testing.T) []string {
-	t.Helper()
-	select {
-	case b := <-s.batches:
-		return b
-	case <-time.After(5 * time.Second):
-		t.Fatal("nothing published within 5s")
-		return nil
-	}
-}
-
-// expectBatch fails the test unless the next published batch is want.
-func (s *fakeSink) expectBatch(t *testing.T, want ...string) {
-	t.Helper()
-	if got := s.next(t); !slices.Equal(got, want) {
-		t.Fatalf("published %q, want %q", got, want)
-	}
-}
-
-// expectNothing fails the test if anything was published.
-func (s *fakeSink) expectNothing(t *testing.T) {
-	t.Helper()
-	select {
-	case b := <-s.batches:
-		t.Fatalf("published %q, want nothing", b)
-	default:
-	}
-}
-
-// testConfig returns a config for a request to rawURL with header, both
-// templates without request placeholders, with small limits and fast
-// retries.
-func testConfig(t testing.TB, rawURL string, header map[string][]string, obs Observer) Config {
-	t.Helper()
-	tmpl, err := target.Parse(rawURL, header)
-	if err != nil {
-		t.Fatal(err)
-	}
-	bound, err := tmpl.Bind(nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return Config{
-		Target:   bound,
-		Redacted: tmpl.Redacted(),
-		Timeout:  2 * time.Second,
-		MaxBody:  1 << 10,
-		Backoff:  Backoff{Initial: 10 * time.Millisecond, Max: 50 * time.Millisecond},
-		Logger:   zap.NewNop(),
-		Observer: obs,
-	}
-}
 
 // readLines reads r to its end with a LineReader and returns the lines and
 // how many were too long.
@@ -373,45 +223,6 @@ func TestRedirectStaysOnOrigin(t *testing.T) {
 			t.Errorf("redirect from %s to %s: %v, want followed %v", tt.from, tt.to, err, tt.follow)
 		}
 	}
-}
-
-// runner is what Poll and Tail have in common.
-type runner interface {
-	Run(ctx context.Context, sink Sink)
-}
-
-// start runs src into sink until the returned stop is called or the test
-// ends. stop ends the run and waits for Run to return.
-func start(t *testing.T, src runner, sink Sink) (stop func()) {
-	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		src.Run(ctx, sink)
-	}()
-	stop = func() {
-		cancel()
-		select {
-		case <-done:
-		case <-time.After(5 * time.Second):
-			t.Error("Run did not return after its context ended")
-		}
-	}
-	t.Cleanup(stop)
-	return stop
-}
-
-// kinds names the sources for newSource.
-var kinds = []string{"poll", "tail"}
-
-// newSource returns a Tail of c, or a Poll of c that waits an hour between
-// polls.
-func newSource(kind string, c Config) runner {
-	if kind == "poll" {
-		return &Poll{Config: c, Interval: time.Hour}
-	}
-	return &Tail{Config: c}
 }
 
 // TestSecretsNeverLogged checks that a secret expanded into the URL's path

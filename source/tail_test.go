@@ -1,14 +1,11 @@
 package source
 
 import (
-	"context"
 	"errors"
 	"io"
 	"net/http"
-	"net/http/httptest"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -17,67 +14,6 @@ import (
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest/observer"
 )
-
-// tailUpstream answers request number n (from 0) with respond(n, w, r) and
-// records the requests.
-type tailUpstream struct {
-	*httptest.Server
-
-	mu       sync.Mutex
-	requests []*http.Request
-}
-
-func newTailUpstream(t *testing.T, respond func(n int, w http.ResponseWriter, r *http.Request)) *tailUpstream {
-	u := &tailUpstream{}
-	u.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		u.mu.Lock()
-		n := len(u.requests)
-		u.requests = append(u.requests, r.Clone(context.Background()))
-		u.mu.Unlock()
-		respond(n, w, r)
-	}))
-	t.Cleanup(u.Close)
-	return u
-}
-
-// request returns request number n, failing the test if it has not come.
-func (u *tailUpstream) request(t *testing.T, n int) *http.Request {
-	t.Helper()
-	u.mu.Lock()
-	defer u.mu.Unlock()
-	if n >= len(u.requests) {
-		t.Fatalf("the upstream got %d requests, want at least %d", len(u.requests), n+1)
-	}
-	return u.requests[n]
-}
-
-// stream writes and flushes each chunk from send as it comes, until send is
-// closed or the client goes away.
-func stream(w http.ResponseWriter, r *http.Request, send <-chan string) {
-	w.Header().Set("Content-Type", "application/x-ndjson")
-	w.WriteHeader(http.StatusOK)
-	http.NewResponseController(w).Flush()
-	for {
-		select {
-		case chunk, ok := <-send:
-			if !ok {
-				return
-			}
-			w.Write([]byte(chunk))
-			http.NewResponseController(w).Flush()
-		case <-r.Context().Done():
-			return
-		}
-	}
-}
-
-// hang blocks until the client goes away, without answering.
-func hang(w http.ResponseWriter, r *http.Request) { <-r.Context().Done() }
-
-// streamFrom returns a respond function that streams send on every request.
-func streamFrom(send <-chan string) func(int, http.ResponseWriter, *http.Request) {
-	return func(_ int, w http.ResponseWriter, r *http.Request) { stream(w, r, send) }
-}
 
 // runTail runs a Tail of rawURL with header into sink until the test ends,
 // and returns its observer.
@@ -246,17 +182,6 @@ func TestTailLastIDOnReconnect(t *testing.T) {
 	}
 	if q := u.request(t, 1).URL.RawQuery; q != "since=42" {
 		t.Errorf("reconnect query %q, want since=42", q)
-	}
-}
-
-// waitFor waits up to 5s for cond.
-func waitFor(t *testing.T, cond func() bool) {
-	t.Helper()
-	for deadline := time.Now().Add(5 * time.Second); !cond(); {
-		if time.Now().After(deadline) {
-			t.Fatal("condition not met within 5s")
-		}
-		time.Sleep(5 * time.Millisecond)
 	}
 }
 
