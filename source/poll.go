@@ -92,6 +92,10 @@ func (p *Poll) newClient() *http.Client {
 // response is answered to sink, whatever follows: a 2xx whose body is too
 // large or not JSON publishes nothing.
 func (p *Poll) poll(ctx context.Context, client *http.Client, sink Sink) error {
+	if !p.acquire(ctx) {
+		return ctx.Err()
+	}
+	defer p.release()
 	req, err := p.newRequest(ctx, sink)
 	if err != nil {
 		return err

@@ -63,7 +63,13 @@ type Config struct {
 	// MaxBody bounds a polled body or one NDJSON line, in bytes.
 	MaxBody int64
 	// Backoff paces retries after failures.
-	Backoff  Backoff
+	Backoff Backoff
+	// Limit, unless nil, bounds the upstream requests in flight of all the
+	// sources that share it to its capacity: a poll holds a slot from
+	// before its request until its body is read, a tail from before it
+	// connects until the response's headers arrive, never while it streams.
+	// A source waits for a slot until its context ends.
+	Limit    chan struct{}
 	Logger   *zap.Logger
 	Observer Observer
 }
@@ -136,6 +142,27 @@ func (c *Config) failed(ctx context.Context, reason string) {
 	}
 	c.Observer.UpstreamRequest("error")
 	c.Observer.UpstreamError(reason)
+}
+
+// acquire takes a slot of c.Limit, waiting for one, and reports whether it
+// did before ctx ended.
+func (c *Config) acquire(ctx context.Context) bool {
+	if c.Limit == nil {
+		return true
+	}
+	select {
+	case c.Limit <- struct{}{}:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
+// release gives back the slot taken by acquire.
+func (c *Config) release() {
+	if c.Limit != nil {
+		<-c.Limit
+	}
 }
 
 // newRequest builds the upstream request. When it cannot, the fault is

@@ -11,6 +11,7 @@ import (
 	"net/http/httptest"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"testing/iotest"
 	"time"
@@ -411,6 +412,93 @@ func TestStopClosesConnections(t *testing.T) {
 			case <-time.After(5 * time.Second):
 				t.Fatal("the upstream's connection still open 5s after Run returned")
 			}
+		})
+	}
+}
+
+// TestLimitBoundsRequestsInFlight starts many pollers on one limit against
+// an upstream that holds each request until the test lets it go: the
+// upstream never has more requests at once than the limit, and every poller
+// gets its answer.
+func TestLimitBoundsRequestsInFlight(t *testing.T) {
+	const pollers, limit = 20, 3
+	var mu sync.Mutex
+	inFlight, most := 0, 0
+	release := make(chan struct{})
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		inFlight++
+		most = max(most, inFlight)
+		mu.Unlock()
+		select {
+		case <-release:
+		case <-r.Context().Done():
+		}
+		mu.Lock()
+		inFlight--
+		mu.Unlock()
+		w.Write([]byte(`{"v":1}`))
+	}))
+	defer srv.Close()
+
+	c := testConfig(t, srv.URL, nil, &fakeObserver{})
+	c.Limit = make(chan struct{}, limit)
+	sinks := make([]*fakeSink, pollers)
+	for i := range sinks {
+		sinks[i] = newFakeSink()
+		start(t, newSource("poll", c), sinks[i])
+	}
+	waitFor(t, func() bool { mu.Lock(); defer mu.Unlock(); return inFlight >= limit })
+	for range pollers {
+		release <- struct{}{}
+	}
+	for _, sink := range sinks {
+		sink.expectBatch(t, `{"v":1}`)
+		require.Equal(t, []sinkCall{answered(http.StatusOK), published(`{"v":1}`)}, sink.takeCalls())
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	require.Equal(t, limit, most, "most requests in flight at once")
+}
+
+// TestLimitFreeWhileTailing checks that a tail gives its slot back once its
+// response's headers arrived: with a limit of one, a poll is answered while
+// the tail streams.
+func TestLimitFreeWhileTailing(t *testing.T) {
+	send := make(chan string)
+	streaming := newTailUpstream(t, streamFrom(send))
+	document := newPollUpstream(t, `{"v":1}`)
+	limit := make(chan struct{}, 1)
+
+	tailSink := newFakeSink()
+	runTail(t, streaming.URL, nil, tailSink, func(c *Config) { c.Limit = limit })
+	send <- "[1]\n"
+	tailSink.expectBatch(t, "[1]")
+
+	c := testConfig(t, document.URL, nil, &fakeObserver{})
+	c.Limit = limit
+	pollSink := newFakeSink()
+	start(t, newSource("poll", c), pollSink)
+	pollSink.expectBatch(t, `{"v":1}`)
+}
+
+// TestLimitWaitEndsWithContext checks that a source waiting for a slot
+// stops when its context ends, having sent no request and told its sink
+// nothing.
+func TestLimitWaitEndsWithContext(t *testing.T) {
+	for _, kind := range kinds {
+		t.Run(kind, func(t *testing.T) {
+			u := newTailUpstream(t, streamFrom(nil))
+			c := testConfig(t, u.URL, nil, &fakeObserver{})
+			c.Limit = make(chan struct{}, 1)
+			c.Limit <- struct{}{} // taken by another source
+			sink := newFakeSink()
+			stop := start(t, newSource(kind, c), sink)
+			stop()
+			u.mu.Lock()
+			defer u.mu.Unlock()
+			require.Empty(t, u.requests)
+			require.Empty(t, sink.takeCalls())
 		})
 	}
 }

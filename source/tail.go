@@ -59,11 +59,7 @@ func (t *Tail) Run(ctx context.Context, sink Sink) {
 func (t *Tail) stream(ctx context.Context, client *http.Client, sink Sink) (bool, error) {
 	reqCtx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
-	req, err := t.newRequest(reqCtx, sink)
-	if err != nil {
-		return false, err
-	}
-	resp, err := t.send(ctx, client, req, sink)
+	resp, err := t.connect(reqCtx, client, sink)
 	if err != nil {
 		return false, err
 	}
@@ -120,6 +116,20 @@ func (t *Tail) stream(ctx context.Context, client *http.Client, sink Sink) (bool
 			batch = nil
 		}
 	}
+}
+
+// connect makes the request and returns the response once its headers
+// arrived, holding a slot of Limit until then.
+func (t *Tail) connect(ctx context.Context, client *http.Client, sink Sink) (*http.Response, error) {
+	if !t.acquire(ctx) {
+		return nil, ctx.Err()
+	}
+	defer t.release()
+	req, err := t.newRequest(ctx, sink)
+	if err != nil {
+		return nil, err
+	}
+	return t.send(ctx, client, req, sink)
 }
 
 // idleReader calls a function when no byte arrives for a while.
