@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net/http"
 	"slices"
 	"time"
@@ -22,6 +23,10 @@ type Poll struct {
 	Config
 	// Interval is the time between the end of one poll and the next.
 	Interval time.Duration
+	// Spread delays the second poll of a Run by a random part of the
+	// interval, so that pollers started together settle at different
+	// phases of it. The first poll is made at once either way.
+	Spread bool
 
 	state PollState
 }
@@ -61,8 +66,13 @@ func (p *Poll) Run(ctx context.Context, sink Sink) {
 	client := p.newClient()
 	defer client.CloseIdleConnections()
 	failures := 0
+	spread := p.Spread && p.Interval > 0
 	for {
 		delay := p.Interval
+		if spread {
+			delay += rand.N(p.Interval)
+			spread = false
+		}
 		if err := p.poll(ctx, client, sink); err != nil {
 			if ctx.Err() != nil {
 				return

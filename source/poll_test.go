@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"reflect"
@@ -453,4 +454,49 @@ func TestPollState(t *testing.T) {
 	u.set(`{"v":2}`)
 	third.mustPoll(t)
 	third.sink.expectBatch(t, `{"v":2}`)
+}
+
+// TestPollSpread starts pollers together with Spread: each polls at once,
+// then after the interval plus a random part of it, so that the second
+// polls spread over the interval instead of coming all together.
+func TestPollSpread(t *testing.T) {
+	const pollers, interval = 12, 200 * time.Millisecond
+	var mu sync.Mutex
+	polled := map[string][]time.Time{} // by poller
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		polled[r.URL.Path] = append(polled[r.URL.Path], time.Now())
+		mu.Unlock()
+		w.Write([]byte(`[1]`))
+	}))
+	defer srv.Close()
+
+	started := time.Now()
+	for i := range pollers {
+		c := testConfig(t, fmt.Sprintf("%s/%d", srv.URL, i), nil, &fakeObserver{})
+		start(t, &Poll{Config: c, Interval: interval, Spread: true}, newFakeSink())
+	}
+	waitFor(t, func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		for i := range pollers {
+			if len(polled[fmt.Sprintf("/%d", i)]) < 2 {
+				return false
+			}
+		}
+		return true
+	})
+	mu.Lock()
+	defer mu.Unlock()
+	var gaps []time.Duration
+	for path, times := range polled {
+		require.Less(t, times[0].Sub(started), interval, "%s: first poll", path)
+		gap := times[1].Sub(times[0])
+		require.GreaterOrEqual(t, gap, interval, "%s: time to the second poll", path)
+		require.Less(t, gap, 3*interval, "%s: time to the second poll", path)
+		gaps = append(gaps, gap)
+	}
+	// Twelve draws in [0, interval) all fall within a quarter of it of
+	// each other with a chance of about 2 in a million.
+	require.GreaterOrEqual(t, slices.Max(gaps)-slices.Min(gaps), interval/4, "spread of the second polls: %v", gaps)
 }
