@@ -98,9 +98,9 @@ func (p *Poll) newClient() *http.Client {
 	return client
 }
 
-// poll makes one request and publishes the document if it changed. Every
-// response is answered to sink, whatever follows: a 2xx whose body is too
-// large or not JSON publishes nothing.
+// poll makes one request, publishes the document if it changed, and then
+// tells sink the status, whatever the body: a 2xx whose body is too large
+// or not JSON publishes nothing but was answered.
 func (p *Poll) poll(ctx context.Context, client *http.Client, sink Sink) error {
 	if !p.acquire(ctx) {
 		return ctx.Err()
@@ -121,6 +121,7 @@ func (p *Poll) poll(ctx context.Context, client *http.Client, sink Sink) error {
 		return err
 	}
 	defer resp.Body.Close()
+	defer sink.Answered(resp.StatusCode)
 	if resp.StatusCode == http.StatusNotModified {
 		p.Observer.UpstreamRequest("not_modified")
 		return nil

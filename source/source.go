@@ -23,11 +23,16 @@ import (
 
 // Sink receives what a source reads.
 type Sink interface {
-	// Answered tells the sink the status of an upstream answer, before any
-	// value of it is published: the response's status code, or 0 when no
-	// response came (a network error, a timeout, a refused redirect). A poll
-	// calls it for every request, a tail for every connection. A source
-	// stopped mid-request calls it not at all.
+	// Answered tells the sink the status of an upstream answer: the
+	// response's status code, or 0 when no response came (a network error,
+	// a timeout, a refused redirect). A poll calls it for every request
+	// once the answer is handled: after publishing the document if it
+	// changed, and also when a 2xx body is refused as too large or not
+	// JSON. A tail calls it for every connection when the response's
+	// headers arrive, before publishing the stream's lines. Either way,
+	// when it is called the sink has been handed everything the upstream
+	// has said so far. A source stopped before a response came does not
+	// call it.
 	Answered(status int)
 	// Publish hands over values that arrived together, oldest first: a
 	// changed polled document, or NDJSON lines. It is never called empty.
@@ -176,19 +181,15 @@ func (c *Config) newRequest(ctx context.Context, sink Sink) (*http.Request, erro
 	return req, err
 }
 
-// send makes the request and tells sink the response's status, or, unless
-// ctx has ended, records the failure and tells sink that no response came.
+// send makes the request. When no response comes, it records the failure
+// and tells sink so, unless ctx has ended.
 func (c *Config) send(ctx context.Context, client *http.Client, req *http.Request, sink Sink) (*http.Response, error) {
 	resp, err := client.Do(req)
-	if err != nil {
-		if ctx.Err() == nil {
-			c.failed(ctx, ReasonConnect)
-			sink.Answered(0)
-		}
-		return nil, err
+	if err != nil && ctx.Err() == nil {
+		c.failed(ctx, ReasonConnect)
+		sink.Answered(0)
 	}
-	sink.Answered(resp.StatusCode)
-	return resp, nil
+	return resp, err
 }
 
 // statusError is a non-2xx upstream answer.

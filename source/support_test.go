@@ -12,6 +12,8 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/stretchr/testify/require"
+
 	"github.com/ssefeed/caddy-ssefeed/target"
 )
 
@@ -105,6 +107,14 @@ func (s *fakeSink) takeCalls() []sinkCall {
 	calls := s.calls
 	s.calls = nil
 	return calls
+}
+
+// expectCalls waits up to 5s for as many calls as want, and fails the test
+// unless they are want. It forgets them.
+func (s *fakeSink) expectCalls(t *testing.T, want ...sinkCall) {
+	t.Helper()
+	waitFor(t, func() bool { s.mu.Lock(); defer s.mu.Unlock(); return len(s.calls) >= len(want) })
+	require.Equal(t, want, s.takeCalls())
 }
 
 // next returns the next published batch, failing the test if none comes

@@ -64,6 +64,7 @@ func (t *Tail) stream(ctx context.Context, client *http.Client, sink Sink) (bool
 		return false, err
 	}
 	defer resp.Body.Close()
+	sink.Answered(resp.StatusCode)
 	if err := checkStatus(resp, time.Now()); err != nil {
 		t.failed(ctx, ReasonStatus)
 		return false, err
