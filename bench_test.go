@@ -52,11 +52,11 @@ func (w *discardWriter) Flush() {
 // upstream does not answer; the benchmarks publish to the feed directly.
 func benchHandler(b *testing.B) *Handler {
 	h := &Handler{FeedConfig: FeedConfig{Tail: "http://127.0.0.1:1/", ID: "/id", Linger: caddy.Duration(time.Hour)}}
-	h.applyDefaults()
+	h.applyDefaults(false)
 	h.logger = zap.NewNop()
 	group, _ := newStreamGroup()
 	h.streams = group.(*streamGroup)
-	f, err := h.FeedConfig.newFeed(h.logger, nil, "")
+	f, err := h.FeedConfig.newFeed(h.logger, nil, "", nil, nil)
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -11,7 +11,7 @@ import (
 	"github.com/dustin/go-humanize"
 
 	"github.com/ssefeed/caddy-ssefeed/pointer"
-	"github.com/ssefeed/caddy-ssefeed/source"
+	"github.com/ssefeed/caddy-ssefeed/target"
 )
 
 func init() {
@@ -50,6 +50,8 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		initial <count>
 //		reset_event <name>
 //		max_subscribers <n>
+//		max_feeds <n>
+//		max_concurrent_requests <n>
 //		name <name>
 //		linger <duration>
 //		cluster <backend> {
@@ -94,7 +96,7 @@ func (h *Handler) setOption(d *caddyfile.Dispenser, option string, args []string
 		if err := wantArgs(1, map[string]int{"poll": 2, "tail": 1}[option]); err != nil {
 			return err
 		}
-		if err := source.CheckURL(args[0]); err != nil {
+		if _, err := target.Parse(args[0], nil); err != nil {
 			return d.Errf("%s: %v", option, err)
 		}
 		if option == "tail" {
@@ -187,6 +189,11 @@ func (h *Handler) setOption(d *caddyfile.Dispenser, option string, args []string
 		} else {
 			h.MaxSubscribers = n
 		}
+	case "max_feeds", "max_concurrent_requests":
+		if err := wantArgs(1, 1); err != nil {
+			return err
+		}
+		return parseCount(d, option, args[0], 1, map[string]*int{"max_feeds": &h.MaxFeeds, "max_concurrent_requests": &h.MaxConcurrentRequests}[option])
 	case "cluster":
 		if err := wantArgs(1, 1); err != nil {
 			return err

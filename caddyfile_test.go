@@ -117,8 +117,8 @@ func TestUnmarshalCaddyfileErrors(t *testing.T) {
 	}{
 		{"unknown subdirective", "sse_feed {\n\ttail http://h/s\n\tbogus 1\n}", 3, `unknown subdirective "bogus"`},
 		{"no source", "sse_feed {\n\tid /id\n}", 1, "needs a source"},
-		{"ftp", "sse_feed {\n\tpoll ftp://h/d\n}", 2, `poll: url scheme "ftp" is not supported`},
-		{"not a url", "sse_feed {\n\ttail not-a-url\n}", 2, "tail: url must start with http:// or https://"},
+		{"ftp", "sse_feed {\n\tpoll ftp://h/d\n}", 2, "poll: url scheme must be http or https"},
+		{"not a url", "sse_feed {\n\ttail not-a-url\n}", 2, "tail: not an absolute url: want http:// or https://"},
 		{"empty block", "sse_feed", 1, "needs a source"},
 		{"two sources", "sse_feed {\n\ttail http://h/s\n\tpoll http://h/d\n}", 3, "exactly one source"},
 		{"two tails", "sse_feed {\n\ttail http://h/s\n\ttail http://h/t\n}", 3, "exactly one source"},

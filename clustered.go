@@ -140,12 +140,32 @@ type leaseSink struct {
 
 // Publish implements source.Sink. It appends the frames and the state, and
 // returns once the local log has them, so that the next values are deduped
-// against them. A refused append ends the term.
+// against them.
 func (s *leaseSink) Publish(values []json.RawMessage) {
+	s.f.publishMu.Lock()
+	defer s.f.publishMu.Unlock()
+	s.append(s.f.frames(values))
+}
+
+// Answered implements source.Sink. An answer that published nothing may
+// still have changed the state, such as the validators of an unchanged
+// document: it is stored too.
+func (s *leaseSink) Answered(status int) {
+	s.f.publishMu.Lock()
+	s.append(nil)
+	s.f.publishMu.Unlock()
+	s.f.Answered(status)
+}
+
+// append appends frames, with the state as it is now unless nothing
+// changed. A refused append ends the term: the next one takes up the
+// state stored last and reads again what this one would have stored.
+// s.f.publishMu must be held.
+func (s *leaseSink) append(frames []replay.Frame) {
 	f := s.f
-	f.publishMu.Lock()
-	defer f.publishMu.Unlock()
-	frames := f.frames(values)
+	if s.ctx.Err() != nil {
+		return
+	}
 	state := f.state()
 	if len(frames) == 0 && string(state) == string(s.state) {
 		return
@@ -155,8 +175,6 @@ func (s *leaseSink) Publish(values []json.RawMessage) {
 		entries[i] = cluster.Entry{Seq: s.seq + uint64(i) + 1, ID: frame.ID, Key: frame.Key, Bytes: frame.Bytes}
 	}
 	if err := f.shared.store.Append(s.ctx, s.epoch, s.term, entries, state); err != nil {
-		// The next term takes up the state stored last and reads again
-		// what this append would have stored.
 		if !errors.Is(err, cluster.ErrFenced) && !errors.Is(err, cluster.ErrEpoch) && s.ctx.Err() == nil {
 			f.metrics.StoreError("append")
 		}

@@ -68,8 +68,8 @@ func sharedFeed(t *testing.T, backend *rediscluster.Cluster, up *itemsUpstream, 
 		Poll: up.URL, Interval: caddy.Duration(20 * time.Millisecond), Items: "/items", ID: "/id",
 		Header: map[string][]string{"X-Instance": {instance}}, Linger: caddy.Duration(time.Millisecond),
 	}
-	c.applyDefaults()
-	f, err := c.newFeed(zap.NewNop(), backend, "feed of "+t.Name())
+	c.applyDefaults(false)
+	f, err := c.newFeed(zap.NewNop(), backend, "feed of "+t.Name(), nil, nil)
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = f.Destruct() })
 	return f

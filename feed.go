@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"math"
+	"net/http"
 	"strconv"
 	"sync"
 	"time"
@@ -65,6 +66,12 @@ type feedParts struct {
 	logger    *zap.Logger
 	// shared is the feed's part in a cluster, or nil.
 	shared *sharing
+	// decides tells that the upstream decides who may subscribe: an answer
+	// of 401, 403, 404 or 410 refuses the feed's subscribers and ends it.
+	decides bool
+	// idle, if not nil, is called when the linger stopped the reader or
+	// the upstream refused the feed, so that the feed can be forgotten.
+	idle func(*feed)
 }
 
 // feed is one upstream reader, its replay log and its subscribers.
@@ -90,6 +97,10 @@ type feed struct {
 	// readyAt is the log's end when ready was closed: subscribers that
 	// waited take their place relative to it, not to when they woke.
 	readyAt uint64
+	// answered is closed at the upstream's first answer.
+	answered chan struct{}
+	// refusal is the status with which the upstream refused the feed, or 0.
+	refusal int
 
 	// Fields below are used by the reader's goroutine only, under publishMu.
 	publishMu sync.Mutex
@@ -103,6 +114,7 @@ func newFeed(parts feedParts) *feed {
 		feedParts: parts,
 		idPrefix:  strconv.FormatInt(time.Now().UnixNano(), 36) + "-",
 		ready:     make(chan struct{}),
+		answered:  make(chan struct{}),
 	}
 	if f.kind == tailFeed && f.shared == nil {
 		close(f.ready)
@@ -285,11 +297,15 @@ func (f *feed) unsubscribe() {
 	gen := f.lingerGen
 	time.AfterFunc(f.linger, func() {
 		f.mu.Lock()
-		defer f.mu.Unlock()
-		if gen == f.lingerGen && f.stopReader != nil {
+		stopped := gen == f.lingerGen && f.stopReader != nil
+		if stopped {
 			f.stopReader()
 			f.stopReader = nil
 			f.logger.Info("feed stopped: no subscribers", zap.Duration("linger", f.linger))
+		}
+		f.mu.Unlock()
+		if stopped && f.idle != nil {
+			f.idle(f)
 		}
 	})
 }
@@ -299,15 +315,22 @@ func (f *feed) unsubscribe() {
 func (f *feed) Destruct() error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.end("config unloaded")
+	return nil
+}
+
+// end stops the reader and ends every stream of the feed, for reason.
+// f.mu must be held.
+func (f *feed) end(reason string) {
 	if f.closed {
-		return nil
+		return
 	}
 	f.closed = true
 	f.lingerGen++
 	if f.stopReader != nil {
 		f.stopReader()
 		f.stopReader = nil
-		f.logger.Info("feed stopped: config unloaded")
+		f.logger.Info("feed stopped: " + reason)
 	}
 	f.log.Close()
 	f.metrics.release()
@@ -320,7 +343,58 @@ func (f *feed) Destruct() error {
 			_ = f.shared.store.Close()
 		}()
 	}
-	return nil
+}
+
+// Answered implements source.Sink. A good answer makes the feed ready: the
+// source calls it after publishing what the answer brought. Any answer
+// releases the subscribers that wait for the upstream's verdict. Where the upstream decides who
+// may subscribe, a refusal ends the feed: its streams end, and the
+// subscribers that reconnect get the refusal's status.
+func (f *feed) Answered(status int) {
+	f.mu.Lock()
+	select {
+	case <-f.answered:
+	default:
+		close(f.answered)
+	}
+	if status >= 200 && status < 300 || status == http.StatusNotModified {
+		f.closeReady()
+	}
+	refused := f.decides && refuses(status) && !f.closed
+	if refused {
+		f.refusal = status
+		f.metrics.refused(status)
+		f.end("refused by the upstream with " + strconv.Itoa(status))
+	}
+	f.mu.Unlock()
+	if refused && f.idle != nil {
+		f.idle(f)
+	}
+}
+
+// refuses tells whether an upstream answer refuses a per-request feed's
+// subscribers: the credentials or the resource are not good, for good.
+func refuses(status int) bool {
+	switch status {
+	case http.StatusUnauthorized, http.StatusForbidden, http.StatusNotFound, http.StatusGone:
+		return true
+	}
+	return false
+}
+
+// verdict waits up to wait for the upstream's first answer and returns
+// the status with which it refused the feed, or 0.
+func (f *feed) verdict(ctx context.Context, wait time.Duration) int {
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	select {
+	case <-f.answered:
+	case <-t.C:
+	case <-ctx.Done():
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.refusal
 }
 
 // LastID implements source.Sink.
@@ -331,12 +405,10 @@ func (f *feed) LastID() string {
 }
 
 // Publish implements source.Sink: it turns the values into frames and
-// appends them all to the log in one step. Any publish, even of nothing,
-// tells that the upstream answered.
+// appends them all to the log in one step.
 func (f *feed) Publish(values []json.RawMessage) {
 	f.publishMu.Lock()
 	defer f.publishMu.Unlock()
-	defer f.markReady()
 	frames := f.frames(values)
 	if len(frames) == 0 {
 		return

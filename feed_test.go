@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"io"
+	"net/http"
 	"slices"
 	"strings"
 	"sync"
@@ -86,6 +87,15 @@ func publish(f *feed, values ...string) {
 		raw[i] = json.RawMessage(v)
 	}
 	f.Publish(raw)
+}
+
+// answer hands the feed a poll's answer, as a source would: the document
+// if it changed (doc is not empty), then the status.
+func answer(f *feed, doc string) {
+	if doc != "" {
+		publish(f, doc)
+	}
+	f.Answered(http.StatusOK)
 }
 
 // eventsFrom returns the events in the feed's log from cursor on, parsed as
@@ -288,11 +298,11 @@ func TestReady(t *testing.T) {
 		if isDone(f.ready) {
 			t.Fatalf("kind %d: ready before the first poll", kind)
 		}
-		publish(f, `{"items":[]}`) // a baseline with nothing in it
+		answer(f, `{"items":[]}`) // a baseline with nothing in it
 		if !isDone(f.ready) {
 			t.Fatalf("kind %d: not ready after the first poll", kind)
 		}
-		publish(f, `{"items":[]}`) // closing twice must not panic
+		answer(f, `{"items":[]}`) // closing twice must not panic
 	}
 }
 
@@ -303,9 +313,9 @@ func TestReadyEndIsTheBaselineEnd(t *testing.T) {
 	if _, wait := f.join(a, "", 0); wait == nil {
 		t.Fatal("positioned before the first poll")
 	}
-	publish(f, `{"items":[{"id":"a"},{"id":"b"}]}`)
+	answer(f, `{"items":[{"id":"a"},{"id":"b"}]}`)
 	<-a.ready
-	publish(f, `{"items":[{"id":"a"},{"id":"b"},{"id":"c"}]}`)
+	answer(f, `{"items":[{"id":"a"},{"id":"b"},{"id":"c"}]}`)
 	// A subscriber that waited and wakes only now still starts after the
 	// baseline, so c is news to it.
 	if end := f.readyEnd(); end != 2 {
@@ -318,7 +328,7 @@ func TestItemFeedRestartTakesANewBaseline(t *testing.T) {
 	r := f.source.(*stubReader)
 	a, _ := f.subscribe(0)
 	ready := a.ready
-	publish(f, `{"items":[{"id":"a"}]}`)
+	answer(f, `{"items":[{"id":"a"}]}`)
 	if !isDone(ready) {
 		t.Fatal("not ready after the first poll")
 	}
@@ -331,7 +341,7 @@ func TestItemFeedRestartTakesANewBaseline(t *testing.T) {
 	if ready == nil || isDone(ready) {
 		t.Fatal("a restarted item feed is ready before its new first poll")
 	}
-	f.Publish(nil) // the upstream answered with an unchanged document
+	answer(f, "") // the upstream answered with an unchanged document
 	if !isDone(ready) {
 		t.Fatal("an unchanged first poll did not make the feed ready")
 	}
@@ -450,7 +460,7 @@ func restartedFeed(t *testing.T, kind feedKind, readyWait time.Duration, doc str
 	})
 	r := f.source.(*stubReader)
 	f.subscribe(0)
-	publish(f, doc)
+	answer(f, doc)
 	f.unsubscribe()
 	waitUntil(t, "the reader stopped after the linger", func() bool { _, e, _ := r.counts(); return e == 1 })
 	a, _ := f.subscribe(0)
@@ -462,7 +472,7 @@ func TestRestartedDocumentFeedWaitsForAFreshDocument(t *testing.T) {
 	f, a := restartedFeed(t, documentFeed, time.Hour, `{"v":"old"}`)
 	_, wait := f.join(a, "", 1)
 	require.NotNil(t, wait, "a restarted document feed hands out its old document at once")
-	publish(f, `{"v":"new"}`)
+	answer(f, `{"v":"new"}`)
 	pos, wait := f.join(a, "", 1)
 	require.Nil(t, wait)
 	events, _ := eventsFrom(t, f, pos.cursor)

@@ -16,6 +16,7 @@ import (
 	"github.com/ssefeed/caddy-ssefeed/pointer"
 	"github.com/ssefeed/caddy-ssefeed/replay"
 	"github.com/ssefeed/caddy-ssefeed/source"
+	"github.com/ssefeed/caddy-ssefeed/target"
 )
 
 // FeedConfig holds the options that make a feed: its source, its mapping
@@ -66,13 +67,15 @@ type FeedConfig struct {
 	// even a blank line, before it is dropped and reconnected. Default: 2m.
 	ReadTimeout caddy.Duration `json:"read_timeout,omitempty"`
 
-	// Replay is the most events the replay log keeps. Default: 1000.
+	// Replay is the most events the replay log keeps. Default: 1000, or 100
+	// for per-request feeds.
 	Replay int `json:"replay,omitempty"`
 	// ReplayMaxAge is the longest the replay log keeps an event. Default:
 	// no age bound.
 	ReplayMaxAge caddy.Duration `json:"replay_max_age,omitempty"`
 	// ReplayBytes bounds the encoded bytes the replay log keeps; the newest
-	// event is always kept. Default: 16 MiB.
+	// event is always kept. Default: 16 MiB, or 256 KiB for per-request
+	// feeds.
 	ReplayBytes int `json:"replay_bytes,omitempty"`
 	// Name labels the feed in logs and metrics. Default: the upstream URL's
 	// host and path.
@@ -81,6 +84,16 @@ type FeedConfig struct {
 	// subscriber leaves. Default: 30s.
 	Linger caddy.Duration `json:"linger,omitempty"`
 
+	// MaxFeeds bounds the live per-request feeds of the handler, when the
+	// upstream URL or a header value holds request placeholders; a
+	// subscriber that would need one more gets a 200 with a jittered
+	// `retry:` and an ended stream. Default: 1000.
+	MaxFeeds int `json:"max_feeds,omitempty"`
+	// MaxConcurrentRequests bounds the upstream requests in flight for all
+	// the handler's per-request feeds; the others wait their turn.
+	// Default: 64.
+	MaxConcurrentRequests int `json:"max_concurrent_requests,omitempty"`
+
 	// ClusterRaw shares the feed among Caddy instances: one instance at a
 	// time reads the upstream, and every instance serves the same events
 	// with the same ids from a shared log. Default: none; the feed lives in
@@ -88,8 +101,9 @@ type FeedConfig struct {
 	ClusterRaw json.RawMessage `json:"cluster,omitempty" caddy:"namespace=http.handlers.sse_feed.clusters inline_key=backend"`
 }
 
-// applyDefaults fills in the options left unset.
-func (c *FeedConfig) applyDefaults() {
+// applyDefaults fills in the options left unset. Per-request feeds, of
+// which a handler may have max_feeds, keep smaller logs.
+func (c *FeedConfig) applyDefaults(perRequest bool) {
 	if c.Interval == 0 {
 		c.Interval = caddy.Duration(defaultInterval)
 	}
@@ -104,12 +118,24 @@ func (c *FeedConfig) applyDefaults() {
 	}
 	if c.Replay == 0 {
 		c.Replay = defaultReplay
+		if perRequest {
+			c.Replay = defaultPerRequestReplay
+		}
 	}
 	if c.ReplayBytes == 0 {
 		c.ReplayBytes = defaultReplayBytes
+		if perRequest {
+			c.ReplayBytes = defaultPerRequestReplayBytes
+		}
 	}
 	if c.Linger == 0 {
 		c.Linger = caddy.Duration(defaultLinger)
+	}
+	if perRequest && c.MaxFeeds == 0 {
+		c.MaxFeeds = defaultMaxFeeds
+	}
+	if perRequest && c.MaxConcurrentRequests == 0 {
+		c.MaxConcurrentRequests = defaultMaxConcurrentRequests
 	}
 	if c.Name == "" {
 		c.Name = defaultName(c.Poll + c.Tail)
@@ -141,7 +167,7 @@ func (c *FeedConfig) validate() error {
 	case c.Poll != "" && c.Tail != "":
 		return fmt.Errorf("two sources: set poll or tail, not both")
 	}
-	if err := source.CheckURL(c.Poll + c.Tail); err != nil {
+	if _, err := c.template(); err != nil {
 		return err
 	}
 	switch {
@@ -151,7 +177,7 @@ func (c *FeedConfig) validate() error {
 		return fmt.Errorf("order must be oldest_first or newest_first, not %q", c.Order)
 	case c.Interval < 0, c.Timeout < 0, c.ReadTimeout < 0, c.ReplayMaxAge < 0, c.Linger < 0:
 		return fmt.Errorf("durations must not be negative")
-	case c.MaxBody < 0, c.Replay < 0, c.ReplayBytes < 0:
+	case c.MaxBody < 0, c.Replay < 0, c.ReplayBytes < 0, c.MaxFeeds < 0, c.MaxConcurrentRequests < 0:
 		return fmt.Errorf("sizes and counts must not be negative")
 	case !validEventType(c.Event):
 		return fmt.Errorf("event must be one line of UTF-8")
@@ -160,6 +186,11 @@ func (c *FeedConfig) validate() error {
 	}
 	_, err := c.mapping()
 	return err
+}
+
+// template parses the upstream URL and header values.
+func (c *FeedConfig) template() (*target.Template, error) {
+	return target.Parse(c.Poll+c.Tail, c.Header)
 }
 
 // kind tells how the configured source's values become events.
@@ -199,12 +230,13 @@ func (c *FeedConfig) limits() replay.Limits {
 	return replay.Limits{Count: c.Replay, Bytes: c.ReplayBytes, MaxAge: time.Duration(c.ReplayMaxAge)}
 }
 
-// newSource returns the reader of the configured upstream, reporting to
-// observer.
-func (c *FeedConfig) newSource(observer source.Observer, logger *zap.Logger) reader {
+// newSource returns the reader of the upstream that bound says, reporting
+// to observer, each request taking a slot of limit if it is not nil.
+func (c *FeedConfig) newSource(bound *target.Bound, limit chan struct{}, observer source.Observer, logger *zap.Logger) reader {
 	cfg := source.Config{
-		URL:         c.Poll + c.Tail,
-		Header:      c.Header,
+		Target:      bound,
+		Redacted:    bound.Redacted(),
+		Limit:       limit,
 		Timeout:     time.Duration(c.Timeout),
 		ReadTimeout: time.Duration(c.ReadTimeout),
 		MaxBody:     c.MaxBody,
@@ -217,16 +249,26 @@ func (c *FeedConfig) newSource(observer source.Observer, logger *zap.Logger) rea
 	}
 	interval := time.Duration(c.Interval)
 	cfg.Backoff = source.Backoff{Initial: interval, Max: max(time.Minute, interval)}
-	return &source.Poll{Config: cfg, Interval: interval}
+	return &source.Poll{Config: cfg, Interval: interval, Spread: limit != nil}
 }
 
-// newFeed builds the configured feed in one step: its metrics, its source,
-// its log, shared through backend if not nil and identified there by key,
-// then the feed itself.
-func (c *FeedConfig) newFeed(logger *zap.Logger, backend cluster.Backend, key string) (*feed, error) {
+// newFeed builds a feed of the config in one step: its metrics, its source
+// of the upstream that bound says (nil: the config's own, without request
+// placeholders), its log, shared through backend if not nil and identified
+// there by clusterID, then the feed itself.
+func (c *FeedConfig) newFeed(logger *zap.Logger, backend cluster.Backend, clusterID string, bound *target.Bound, limit chan struct{}) (*feed, error) {
 	m, err := c.mapping()
 	if err != nil {
 		return nil, err
+	}
+	if bound == nil {
+		tmpl, err := c.template()
+		if err != nil {
+			return nil, err
+		}
+		if bound, err = tmpl.Bind(nil); err != nil {
+			return nil, err
+		}
 	}
 	metrics, err := newFeedMetrics(c.Name)
 	if err != nil {
@@ -236,11 +278,11 @@ func (c *FeedConfig) newFeed(logger *zap.Logger, backend cluster.Backend, key st
 	log := replay.New(c.limits())
 	var shared *sharing
 	if backend != nil {
-		shared = newSharing(backend, key, c.limits(), log, metrics, logger)
+		shared = newSharing(backend, clusterID, c.limits(), log, metrics, logger)
 	}
 	return newFeed(feedParts{
 		kind:      c.kind(),
-		source:    c.newSource(metrics, logger),
+		source:    c.newSource(bound, limit, metrics, logger),
 		mapping:   m,
 		log:       log,
 		linger:    time.Duration(c.Linger),

@@ -3,6 +3,7 @@ package ssefeed
 import (
 	"context"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"net/http"
 	"os"
@@ -63,19 +64,25 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	}
 
 	group := h.streams
-	f, release, err := h.acquire(r)
-	if err != nil {
-		return err
-	}
-	defer release()
-	a, ok := f.subscribe(h.MaxSubscribers)
-	if !ok {
+	f, a, err := h.subscribe(r)
+	if errors.Is(err, errOverCapacity) {
 		w.WriteHeader(http.StatusOK)
 		base := max(time.Duration(h.Retry), overCapacityRetry)
 		_, _ = w.Write(appendRetry(nil, base+rand.N(base)))
 		return nil
 	}
+	if err != nil {
+		return err
+	}
 	defer f.unsubscribe()
+	if f.decides {
+		// The upstream's first answer tells whether this subscriber may
+		// have the feed.
+		if status := f.verdict(r.Context(), time.Duration(h.Timeout)); status != 0 {
+			header.Del("Content-Type")
+			return caddyhttp.Error(status, fmt.Errorf("the upstream answered %d", status))
+		}
+	}
 	w.WriteHeader(http.StatusOK)
 	s := &stream{
 		h:      h,

@@ -91,6 +91,7 @@ func publishIDs(h *Handler, ids ...string) {
 // its status code.
 func serve(t *testing.T, h *Handler) *httptest.Server {
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		caddyhttp.NewTestReplacer(r) // the request's placeholders
 		var he caddyhttp.HandlerError
 		if err := h.ServeHTTP(w, r, nil); errors.As(err, &he) {
 			w.WriteHeader(he.StatusCode)

@@ -3,6 +3,7 @@ package ssefeed
 import (
 	"errors"
 	"fmt"
+	"strconv"
 	"sync"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -40,6 +41,26 @@ var (
 		Namespace: "caddy", Subsystem: "sse_feed", Name: "slow_disconnects_total",
 		Help: "Subscribers disconnected because they fell behind the replay log or stopped reading.",
 	}, []string{"feed"})
+	metricFeeds = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Namespace: "caddy", Subsystem: "sse_feed", Name: "feeds",
+		Help: "Live per-request feeds of the handler.",
+	}, []string{"feed"})
+	metricFeedsStarted = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "caddy", Subsystem: "sse_feed", Name: "feeds_started_total",
+		Help: "Per-request feeds started.",
+	}, []string{"feed"})
+	metricFeedsDropped = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "caddy", Subsystem: "sse_feed", Name: "feeds_dropped_total",
+		Help: "Per-request feeds forgotten after their linger with no subscribers.",
+	}, []string{"feed"})
+	metricFeedsOverCapacity = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "caddy", Subsystem: "sse_feed", Name: "feeds_refused_total",
+		Help: "Subscribers turned away because the handler had max_feeds per-request feeds.",
+	}, []string{"feed"})
+	metricUpstreamRefusals = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "caddy", Subsystem: "sse_feed", Name: "upstream_refusals_total",
+		Help: "Per-request feeds the upstream refused, ending their subscribers, by status: 401, 403, 404 or 410.",
+	}, []string{"feed", "status"})
 	metricLeaseHeld = prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Namespace: "caddy", Subsystem: "sse_feed", Name: "cluster_lease_held",
 		Help: "Feeds whose cluster lease this instance holds, so that it reads their upstream.",
@@ -61,6 +82,7 @@ var collectors = []interface {
 }{
 	metricSubscribers, metricEvents, metricBytes, metricUpstreamRequests,
 	metricUpstreamErrors, metricResumptions, metricSlowDisconnects,
+	metricFeeds, metricFeedsStarted, metricFeedsDropped, metricFeedsOverCapacity, metricUpstreamRefusals,
 	metricLeaseHeld, metricLeaseChanges, metricClusterErrors,
 }
 
@@ -165,4 +187,9 @@ func (m *feedMetrics) LeaseChange(held bool) {
 	} else {
 		metricLeaseHeld.WithLabelValues(m.name).Dec()
 	}
+}
+
+// refused counts an upstream's refusal of a per-request feed.
+func (m *feedMetrics) refused(status int) {
+	metricUpstreamRefusals.WithLabelValues(m.name, strconv.Itoa(status)).Inc()
 }

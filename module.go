@@ -35,8 +35,13 @@ const (
 	defaultHeartbeat   = 15 * time.Second
 	defaultReplay      = 1000
 	defaultReplayBytes = 16 << 20
-	defaultResetEvent  = "reset"
-	defaultLinger      = 30 * time.Second
+
+	defaultPerRequestReplay      = 100
+	defaultPerRequestReplayBytes = 256 << 10
+	defaultMaxFeeds              = 1000
+	defaultMaxConcurrentRequests = 64
+	defaultResetEvent            = "reset"
+	defaultLinger                = 30 * time.Second
 )
 
 // Handler serves a feed of Server-Sent Events read from an upstream JSON API
@@ -66,7 +71,10 @@ type Handler struct {
 	// 200 with a jittered `retry:` and an ended stream. Default: 0, no limit.
 	MaxSubscribers int `json:"max_subscribers,omitempty"`
 
+	// feed serves every request, or set holds a feed per distinct binding
+	// of the upstream's request placeholders.
 	feed    *feed
+	set     *feedSet
 	feedKey string
 	// streams ends the handler's streams when no config has this handler
 	// any more, or when Caddy exits.
@@ -83,12 +91,17 @@ func (Handler) CaddyModule() caddy.ModuleInfo {
 	}
 }
 
-// Provision applies defaults and joins the handler to its feed, creating
-// the feed if no other handler has it. It starts no goroutine: a feed starts
-// reading when its first subscriber arrives.
+// Provision applies defaults and joins the handler to its feed, or to its
+// set of per-request feeds, creating it if no other handler has it. It
+// starts no goroutine: a feed starts reading when its first subscriber
+// arrives.
 func (h *Handler) Provision(ctx caddy.Context) error {
 	h.logger = ctx.Logger()
-	h.applyDefaults()
+	tmpl, err := h.template()
+	if err != nil {
+		return err
+	}
+	h.applyDefaults(tmpl.PerRequest())
 	if err := h.Validate(); err != nil {
 		return err
 	}
@@ -125,18 +138,26 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		backend = mod.(cluster.Backend)
 	}
 	value, _, err := feeds.LoadOrNew(h.feedKey, func() (caddy.Destructor, error) {
-		return h.FeedConfig.newFeed(h.logger, backend, h.feedKey)
+		if tmpl.PerRequest() {
+			return newFeedSet(h.FeedConfig, tmpl, backend, h.feedKey, h.logger)
+		}
+		return h.FeedConfig.newFeed(h.logger, backend, h.feedKey, nil, nil)
 	})
 	if err != nil {
 		return err
 	}
-	h.feed = value.(*feed)
+	switch v := value.(type) {
+	case *feedSet:
+		h.set = v
+	case *feed:
+		h.feed = v
+	}
 	return nil
 }
 
 // applyDefaults fills in the options left unset.
-func (h *Handler) applyDefaults() {
-	h.FeedConfig.applyDefaults()
+func (h *Handler) applyDefaults(perRequest bool) {
+	h.FeedConfig.applyDefaults(perRequest)
 	if h.Heartbeat == 0 {
 		h.Heartbeat = caddy.Duration(defaultHeartbeat)
 	}
@@ -173,10 +194,19 @@ func (h *Handler) Validate() error {
 	return nil
 }
 
-// acquire returns the feed that serves r, and a function to call when the
-// stream ends.
-func (h *Handler) acquire(*http.Request) (*feed, func(), error) {
-	return h.feed, func() {}, nil
+// subscribe admits r's subscriber to the feed that serves it: the
+// handler's one feed, or the per-request feed of r's values. It fails with
+// errOverCapacity when the subscriber must be turned away, and with a
+// handler error for a request whose values cannot be used.
+func (h *Handler) subscribe(r *http.Request) (*feed, admission, error) {
+	if h.set != nil {
+		return h.set.subscribe(r, h.MaxSubscribers)
+	}
+	a, ok := h.feed.subscribe(h.MaxSubscribers)
+	if !ok {
+		return nil, a, errOverCapacity
+	}
+	return h.feed, a, nil
 }
 
 // Cleanup releases the handler's hold on its feed and on its streams; the
@@ -187,7 +217,7 @@ func (h *Handler) Cleanup() error {
 		_, err := streamGroups.Delete(h.streamsKey)
 		errs = append(errs, err)
 	}
-	if h.feed != nil {
+	if h.feed != nil || h.set != nil {
 		_, err := feeds.Delete(h.feedKey)
 		errs = append(errs, err)
 	}

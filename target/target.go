@@ -118,7 +118,7 @@ func (t *Template) Bind(repl *caddy.Replacer) (*Bound, error) {
 	if err != nil {
 		return nil, err
 	}
-	b := &Bound{url: u, header: make([]field, len(t.header))}
+	b := &Bound{url: u, header: make([]field, len(t.header)), redacted: t.redacted}
 	for i, f := range t.header {
 		b.header[i] = field{name: f.name, values: make([][]part, len(f.values))}
 		for j, v := range f.values {
@@ -210,9 +210,13 @@ func mergeLiterals(parts []part) []part {
 // Bound is a template whose request placeholders are filled in: the upstream
 // of one feed.
 type Bound struct {
-	url    []part
-	header []field
+	url      []part
+	header   []field
+	redacted string
 }
+
+// Redacted returns its template's URL for logs, as Template.Redacted does.
+func (b *Bound) Redacted() string { return b.redacted }
 
 // Identity returns bytes that tell feeds apart: the expanded URL and header
 // values with global placeholders and {sse_feed.last_id} still unfilled,
