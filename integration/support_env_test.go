@@ -87,7 +87,8 @@ func (s *skipList) list() []string {
 // announce prints line on the test's output. When the go command keeps that
 // output to itself, as `go test ./...` does for a package that passed
 // without -v, it also writes line to the go command's standard error, so
-// that the line is seen without -v.
+// that the line is seen without -v: when that is a terminal or a pipe, not
+// a file, whose offset the go command keeps to itself.
 func announce(code int, line string) {
 	fmt.Println(line)
 	if code != 0 || testing.Verbose() {
@@ -104,7 +105,10 @@ func announce(code int, line string) {
 	if theirs, err := os.Stat(parent + "/fd/1"); err == nil && os.SameFile(ours, theirs) {
 		return // the go command streams the output
 	}
-	stderr, err := os.OpenFile(parent+"/fd/2", os.O_WRONLY|os.O_APPEND, 0)
+	if info, err := os.Stat(parent + "/fd/2"); err != nil || info.Mode().IsRegular() {
+		return
+	}
+	stderr, err := os.OpenFile(parent+"/fd/2", os.O_WRONLY, 0)
 	if err != nil {
 		return
 	}
