@@ -1,7 +1,8 @@
-// Package integration holds every test that runs Caddy: in this process
-// through caddytest, as the real binary, or behind a real browser. The tests
-// use only what a user has: Caddyfiles, HTTP, and the module's exported
-// names. The unit tests stay next to the code they test.
+// Package integration holds every test that runs Caddy, in this process
+// through caddytest, as the real binary, or behind a real browser, and the
+// goldens of the Caddyfile adapter. The tests use only what a user has:
+// Caddyfiles, HTTP, and the module's exported names. The unit tests stay
+// next to the code they test.
 package integration
 
 import (
@@ -18,6 +19,8 @@ import (
 	"github.com/ssefeed/caddy-ssefeed/internal/ssetest"
 )
 
+// TestMain runs the tests, removes the binary they built, and says in one
+// line each which tests were skipped for want of a program.
 func TestMain(m *testing.M) {
 	code := m.Run()
 	removeBuilds()
