@@ -134,16 +134,6 @@ func (s *Stream) NextEvent(t testing.TB) Event {
 	}
 }
 
-// NextEvents returns the next n events, skipping comments and retry fields.
-func (s *Stream) NextEvents(t testing.TB, n int) []Event {
-	t.Helper()
-	events := make([]Event, n)
-	for i := range events {
-		events[i] = s.NextEvent(t)
-	}
-	return events
-}
-
 // ExpectIDs reads len(want) events and fails as soon as one has no id
 // field or the ids so far differ from want.
 func (s *Stream) ExpectIDs(t testing.TB, want ...string) {
