@@ -2,11 +2,14 @@ package ssetest
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"testing"
 	"time"
+
+	"github.com/stretchr/testify/require"
 )
 
 // Stream is one client's event stream, read in the background so that a
@@ -20,9 +23,36 @@ type Stream struct {
 	cancel context.CancelFunc
 }
 
-// Open GETs rawURL with the given header (name, value pairs) and starts
-// reading its items. The response headers must come within 5s, whether or
-// not there is any event yet. The stream is closed when the test ends.
+// Get opens a stream: it GETs rawURL with client and the given header
+// (name, value pairs; a pair with an empty value is left out, as
+// EventSource leaves out an empty Last-Event-ID) and returns the response
+// once its headers are in. A status other than 200 is an error. The body is
+// for the caller to read, with a Reader, and to close; ending ctx ends the
+// stream.
+func Get(ctx context.Context, client *http.Client, rawURL string, header ...string) (*http.Response, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, rawURL, nil)
+	if err != nil {
+		return nil, err
+	}
+	for i := 0; i+1 < len(header); i += 2 {
+		if header[i+1] != "" {
+			req.Header.Set(header[i], header[i+1])
+		}
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		return nil, err
+	}
+	if resp.StatusCode != http.StatusOK {
+		resp.Body.Close()
+		return nil, fmt.Errorf("GET %s: status %d", rawURL, resp.StatusCode)
+	}
+	return resp, nil
+}
+
+// Open opens a stream with Get and starts reading its items in the
+// background. The response headers must come within 5s, whether or not
+// there is any event yet. The stream is closed when the test ends.
 func Open(t testing.TB, rawURL string, header ...string) *Stream {
 	t.Helper()
 	return OpenWith(t, http.DefaultClient, nil, rawURL, header...)
@@ -34,18 +64,15 @@ func Open(t testing.TB, rawURL string, header ...string) *Stream {
 func OpenWith(t testing.TB, client *http.Client, decode func(io.Reader) (io.Reader, error), rawURL string, header ...string) *Stream {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, rawURL, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for i := 0; i+1 < len(header); i += 2 {
-		req.Header.Set(header[i], header[i+1])
-	}
 	headerTimeout := time.AfterFunc(5*time.Second, cancel)
-	resp, err := client.Do(req)
-	if err != nil || !headerTimeout.Stop() {
+	resp, err := Get(ctx, client, rawURL, header...)
+	if !headerTimeout.Stop() && err == nil {
+		resp.Body.Close()
+		err = context.DeadlineExceeded
+	}
+	if err != nil {
 		cancel()
-		t.Fatalf("GET %s: no response headers within 5s: %v", rawURL, err)
+		t.Fatalf("opening a stream of %s (headers due within 5s): %v", rawURL, err)
 	}
 	s := &Stream{Response: resp, items: make(chan Item, 1024), errs: make(chan error, 1), cancel: cancel}
 	done := make(chan struct{})
@@ -107,14 +134,50 @@ func (s *Stream) NextEvent(t testing.TB) Event {
 	}
 }
 
-// NextEvents returns the next n events, skipping comments and retry fields.
-func (s *Stream) NextEvents(t testing.TB, n int) []Event {
+// ExpectIDs reads len(want) events and fails as soon as one has no id
+// field or the ids so far differ from want.
+func (s *Stream) ExpectIDs(t testing.TB, want ...string) {
 	t.Helper()
-	events := make([]Event, n)
-	for i := range events {
-		events[i] = s.NextEvent(t)
+	s.expectEach(t, "ids", want, func(ev Event) string {
+		if !ev.HasIDField {
+			t.Fatalf("event without an id field: %+v", ev)
+		}
+		return ev.LastEventID
+	})
+}
+
+// ExpectData reads len(want) events and fails as soon as their data so far
+// differ from want.
+func (s *Stream) ExpectData(t testing.TB, want ...string) {
+	t.Helper()
+	s.expectEach(t, "data", want, func(ev Event) string { return ev.Data })
+}
+
+// expectEach reads len(want) events and compares field of each, in order,
+// as it arrives.
+func (s *Stream) expectEach(t testing.TB, what string, want []string, field func(Event) string) {
+	t.Helper()
+	got := make([]string, 0, len(want))
+	for range want {
+		ev := s.NextEvent(t)
+		got = append(got, field(ev))
+		require.Equal(t, want[:len(got)], got, "%s of the events so far; the last is %+v", what, ev)
 	}
-	return events
+}
+
+// ExpectComments reads until n comments, such as heartbeats, have come, and
+// fails if an event comes first.
+func (s *Stream) ExpectComments(t testing.TB, n int) {
+	t.Helper()
+	for n > 0 {
+		item := s.Next(t)
+		if item.Event != nil {
+			t.Fatalf("event %+v while waiting for comments", *item.Event)
+		}
+		if item.IsComment {
+			n--
+		}
+	}
 }
 
 // ExpectEnd waits for the server to end the stream.

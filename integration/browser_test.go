@@ -1,4 +1,4 @@
-package ssefeed_test
+package integration
 
 import (
 	"bytes"
@@ -8,7 +8,6 @@ import (
 	"io"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -17,6 +16,8 @@ import (
 	"time"
 
 	"github.com/chromedp/chromedp"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 )
 
 // browserPage opens an EventSource on /events, passing on its own
@@ -46,17 +47,10 @@ type browserSeen struct {
 }
 
 // newBrowser starts headless Chromium with a fresh profile. Without
-// Chromium the test is skipped, unless SSEFEED_REQUIRE_BROWSER=1 (as in CI).
+// Chromium the test is skipped (see requireProgram).
 func newBrowser(t *testing.T) context.Context {
 	t.Helper()
-	path, err := exec.LookPath("chromium")
-	if err != nil {
-		msg := "no chromium on PATH (apt-get install chromium); the browser test needs it"
-		if os.Getenv("SSEFEED_REQUIRE_BROWSER") == "1" {
-			t.Fatal(msg)
-		}
-		t.Skip(msg)
-	}
+	path := requireProgram(t, "chromium")
 	allocCtx, cancelAlloc := chromedp.NewExecAllocator(context.Background(),
 		chromedp.ExecPath(path),
 		chromedp.Headless,
@@ -74,33 +68,26 @@ func newBrowser(t *testing.T) context.Context {
 		cancel()
 		cancelAlloc()
 	})
-	if err := chromedp.Do(ctx); err != nil {
-		t.Fatalf("starting chromium: %v", err)
-	}
+	require.NoError(t, chromedp.Do(ctx), "starting chromium")
 	return ctx
 }
 
-// waitSeen polls the page's record until ok accepts it.
+// waitSeen polls the page's record until ok accepts it, and returns it.
 func waitSeen(t *testing.T, ctx context.Context, what string, ok func(browserSeen) bool) browserSeen {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
+	var seen browserSeen
+	require.EventuallyWithT(t, func(c *assert.CollectT) {
 		raw, err := chromedp.Run(ctx, chromedp.Evaluate[string](`JSON.stringify(seen)`))
-		if err != nil {
-			t.Fatalf("reading the page: %v", err)
+		require.NoError(c, err, "reading the page")
+		var now browserSeen
+		require.NoError(c, json.Unmarshal([]byte(raw), &now))
+		if !ok(now) {
+			c.Errorf("the page saw %+v", now)
+			return
 		}
-		var seen browserSeen
-		if err := json.Unmarshal([]byte(raw), &seen); err != nil {
-			t.Fatal(err)
-		}
-		if ok(seen) {
-			return seen
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("waiting for %s; the page saw %+v", what, seen)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+		seen = now
+	}, 10*time.Second, 50*time.Millisecond, "waiting for %s", what)
+	return seen
 }
 
 // cuttingProxy forwards TCP connections to Caddy and can cut them all, as a

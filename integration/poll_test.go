@@ -1,4 +1,4 @@
-package ssefeed_test
+package integration
 
 import (
 	"fmt"
@@ -12,41 +12,6 @@ import (
 
 	"github.com/ssefeed/caddy-ssefeed/internal/ssetest"
 )
-
-// itemsDoc returns a JSON document whose "items" array holds an element
-// {"id":"<id>","n":<id>} for each id, in the order given.
-func itemsDoc(ids ...int) string {
-	elems := make([]string, len(ids))
-	for i, id := range ids {
-		elems[i] = fmt.Sprintf(`{"id":"%d","n":%d}`, id, id)
-	}
-	return `{"items":[` + strings.Join(elems, ",") + `]}`
-}
-
-// expectData reads the next events and fails unless their data are want,
-// in order.
-func expectData(t *testing.T, s *ssetest.Stream, want ...string) {
-	t.Helper()
-	for i, w := range want {
-		if ev := s.NextEvent(t); ev.Data != w {
-			t.Fatalf("event %d: data %q, want %q (event %+v)", i, ev.Data, w, ev)
-		}
-	}
-}
-
-// expectHeartbeats reads n comments and fails if an event comes first.
-func expectHeartbeats(t *testing.T, s *ssetest.Stream, n int) {
-	t.Helper()
-	for n > 0 {
-		item := s.Next(t)
-		if item.Event != nil {
-			t.Fatalf("unexpected event %+v while waiting for heartbeats", *item.Event)
-		}
-		if item.IsComment {
-			n--
-		}
-	}
-}
 
 func TestPollDocumentFeed(t *testing.T) {
 	for _, tc := range []struct {
@@ -74,7 +39,7 @@ func TestPollDocumentFeed(t *testing.T) {
 	poll `+up.URL+`/doc 100ms
 }`)
 			first := openStream(t, "/events")
-			expectData(t, first, `{"version":1}`) // initial 1: the latest document at once
+			first.ExpectData(t, `{"version":1}`) // initial 1: the latest document at once
 
 			// Unchanged: revalidated (304) or the same body (hash), never
 			// published again.
@@ -95,7 +60,7 @@ func TestPollDocumentFeed(t *testing.T) {
 			}
 
 			up.Set(answer(2))
-			expectData(t, first, `{"version":2}`)
+			first.ExpectData(t, `{"version":2}`)
 			first.ExpectQuiet(t, 300*time.Millisecond)
 			if tc.validator != "" {
 				last := up.Requests()
@@ -105,7 +70,7 @@ func TestPollDocumentFeed(t *testing.T) {
 			}
 
 			second := openStream(t, "/events")
-			expectData(t, second, `{"version":2}`)
+			second.ExpectData(t, `{"version":2}`)
 			second.ExpectQuiet(t, 300*time.Millisecond)
 		})
 	}
@@ -131,23 +96,23 @@ sse_feed /latest {
 	live.ExpectQuiet(t, 300*time.Millisecond) // the baseline is not news
 
 	up.Set(jsonAnswer{Body: itemsDoc(1, 2, 3, 4)})
-	expectData(t, live, "3", "4")
+	live.ExpectData(t, "3", "4")
 	// 1 and 2 leave the answer; then 1 comes back, with the new 5.
 	polls := len(up.Requests())
 	up.Set(jsonAnswer{Body: itemsDoc(3, 4)})
 	up.WaitRequests(t, polls+2)
 	up.Set(jsonAnswer{Body: itemsDoc(3, 1, 4, 5)})
-	expectData(t, live, "5")
+	live.ExpectData(t, "5")
 	live.ExpectQuiet(t, 300*time.Millisecond)
 
 	// The baseline filled the replay log: for initial and resumption.
-	expectData(t, openStream(t, "/latest"), "4", "5")
+	openStream(t, "/latest").ExpectData(t, "4", "5")
 	resumed := openStream(t, "/events", "Last-Event-ID", "1")
-	expectData(t, resumed, "2", "3", "4", "5")
+	resumed.ExpectData(t, "2", "3", "4", "5")
 
 	up.Set(jsonAnswer{Body: itemsDoc(3, 1, 4, 5, 6, 7)})
-	expectData(t, live, "6", "7")
-	expectData(t, resumed, "6", "7")
+	live.ExpectData(t, "6", "7")
+	resumed.ExpectData(t, "6", "7")
 	resumed.ExpectQuiet(t, 300*time.Millisecond)
 }
 
@@ -165,7 +130,7 @@ func TestPollItemFeedWithoutIDs(t *testing.T) {
 		t.Fatalf("event = %+v, want {\"a\":3} with a generated id", ev)
 	}
 	up.Set(jsonAnswer{Body: `{"items":[{"a":2},{"a":3},{"a":4}]}`})
-	expectData(t, s, `{"a":4}`)
+	s.ExpectData(t, `{"a":4}`)
 	s.ExpectQuiet(t, 300*time.Millisecond)
 }
 
@@ -181,7 +146,7 @@ func TestPollNewestFirst(t *testing.T) {
 	s := openStream(t, "/events")
 	up.WaitRequests(t, 2)
 	up.Set(jsonAnswer{Body: itemsDoc(4, 3, 2, 1)})
-	expectData(t, s, "3", "4")
+	s.ExpectData(t, "3", "4")
 	s.ExpectQuiet(t, 300*time.Millisecond)
 }
 
@@ -208,10 +173,10 @@ func TestPollSinceCursor(t *testing.T) {
 	initial 5
 }`)
 	s := openStream(t, "/events")
-	expectData(t, s, "item 1", "item 2")
+	s.ExpectData(t, "item 1", "item 2")
 	for n := 3; n <= 5; n++ {
 		available.Store(int64(n))
-		expectData(t, s, "item "+strconv.Itoa(n))
+		s.ExpectData(t, "item "+strconv.Itoa(n))
 	}
 	up.WaitRequests(t, len(up.Requests())+2)
 	s.ExpectQuiet(t, 300*time.Millisecond)
@@ -240,7 +205,7 @@ func TestPollSharedBySubscribers(t *testing.T) {
 		streams[i] = openStream(t, "/events")
 	}
 	for _, s := range streams {
-		expectData(t, s, `{"v":1}`)
+		s.ExpectData(t, `{"v":1}`)
 	}
 
 	// Over 2s, with 250ms per poll (200ms apart plus a 50ms answer), about
@@ -258,7 +223,7 @@ func TestPollSharedBySubscribers(t *testing.T) {
 
 	up.Set(jsonAnswer{Body: `{"v":2}`})
 	for _, s := range streams {
-		expectData(t, s, `{"v":2}`)
+		s.ExpectData(t, `{"v":2}`)
 	}
 }
 
@@ -274,7 +239,7 @@ func TestPollStartsWithTheFirstSubscriberAndLingers(t *testing.T) {
 	}
 
 	s := openStream(t, "/events")
-	expectData(t, s, `{"v":1}`)
+	s.ExpectData(t, `{"v":1}`)
 	up.WaitRequests(t, 3)
 	s.Close()
 	left := time.Now()
@@ -346,7 +311,7 @@ func TestPollSurvivesUpstreamFailures(t *testing.T) {
 
 			before := len(up.Requests())
 			tc.fail(up)
-			expectHeartbeats(t, s, 5) // the stream stays, and quiet
+			s.ExpectComments(t, 5) // the stream stays, and quiet
 			if tc.recover == nil {
 				up.WaitRequests(t, before+2) // the failure was met, twice
 			}
@@ -355,7 +320,7 @@ func TestPollSurvivesUpstreamFailures(t *testing.T) {
 			if tc.recover != nil {
 				tc.recover(up, t)
 			}
-			expectData(t, s, "2", "3")
+			s.ExpectData(t, "2", "3")
 			s.ExpectQuiet(t, 500*time.Millisecond)
 		})
 	}
@@ -370,12 +335,12 @@ func TestPollHonoursRetryAfter(t *testing.T) {
 	heartbeat 200ms
 }`)
 			s := openStream(t, "/events")
-			expectData(t, s, `{"v":1}`)
+			s.ExpectData(t, `{"v":1}`)
 
 			up.Set(jsonAnswer{Status: status, Header: map[string]string{"Retry-After": "2"}})
 			i := waitForStatus(t, up, status)
 			up.Set(jsonAnswer{Body: `{"v":2}`})
-			expectData(t, s, `{"v":2}`)
+			s.ExpectData(t, `{"v":2}`)
 			requests := up.WaitRequests(t, i+2)
 			wait := requests[i+1].Start.Sub(requests[i].End)
 			t.Logf("next request %v after Retry-After: 2", wait)

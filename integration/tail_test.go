@@ -1,14 +1,15 @@
-package ssefeed_test
+package integration
 
 import (
 	"fmt"
-	"net/http"
 	"net/url"
 	"slices"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 
 	"github.com/ssefeed/caddy-ssefeed/internal/ssetest"
 )
@@ -22,74 +23,18 @@ func TestTailDeliversEachLineAsItArrives(t *testing.T) {
 	data /body
 }`)
 	s := openStream(t, "/events")
-	if got := s.Response.Header.Get("Content-Type"); got != "text/event-stream" {
-		t.Fatalf("Content-Type = %q", got)
-	}
+	require.Equal(t, "text/event-stream", s.Response.Header.Get("Content-Type"))
 	up.WaitConnected(t, 1)
-	for i, line := range []string{`{"id":"a1","kind":"note","body":"hello"}`, `{"id":"a2","kind":"note","body":{"n":2}}`} {
-		up.Send(line + "\n")
-		ev := s.NextEvent(t)
-		want := []string{"hello", `{"n":2}`}[i]
-		if ev.Data != want || ev.Type != "note" || ev.LastEventID != []string{"a1", "a2"}[i] {
-			t.Fatalf("event %d = %+v, want data %q", i, ev, want)
-		}
-	}
-}
-
-// line returns an NDJSON line with the given id and text body.
-func line(id, body string) string {
-	return fmt.Sprintf(`{"id":%q,"body":%q}`+"\n", id, body)
-}
-
-// idFeed is a tail feed that maps /id and /body, plus extra options.
-func idFeed(up *ndjsonUpstream, path string, options ...string) string {
-	return fmt.Sprintf("sse_feed %s {\n\ttail %s\n\tid /id\n\tdata /body\n\t%s\n}", path, up.URL, strings.Join(options, "\n\t"))
-}
-
-// expectIDs reads len(want) events and fails unless they carry the ids in
-// want, in order.
-func expectIDs(t *testing.T, s *ssetest.Stream, want ...string) {
-	t.Helper()
-	for i, ev := range s.NextEvents(t, len(want)) {
-		if ev.LastEventID != want[i] || !ev.HasIDField {
-			t.Fatalf("event %d = %+v, want id %q", i, ev, want[i])
-		}
-	}
-}
-
-// sendAndExpect sends lines with the given ids one at a time and waits for
-// each one's event on every stream before sending the next.
-func sendAndExpect(t *testing.T, up *ndjsonUpstream, ids []string, streams ...*ssetest.Stream) {
-	t.Helper()
-	for _, id := range ids {
-		up.Send(line(id, "text of "+id))
-		for _, s := range streams {
-			expectIDs(t, s, id)
-		}
-	}
-}
-
-// expectStreamHeaders fails unless resp carries the event-stream headers.
-func expectStreamHeaders(t *testing.T, resp *http.Response) {
-	t.Helper()
-	if resp.StatusCode != http.StatusOK {
-		t.Errorf("status = %d, want 200", resp.StatusCode)
-	}
-	for name, want := range map[string]string{
-		"Content-Type":      "text/event-stream",
-		"Cache-Control":     "no-cache",
-		"X-Accel-Buffering": "no",
-	} {
-		if got := resp.Header.Get(name); got != want {
-			t.Errorf("%s = %q, want %q", name, got, want)
-		}
-	}
+	up.Send(`{"id":"a1","kind":"note","body":"hello"}` + "\n")
+	require.Equal(t, ssetest.Event{Type: "note", Data: "hello", LastEventID: "a1", HasIDField: true}, s.NextEvent(t))
+	up.Send(`{"id":"a2","kind":"note","body":{"n":2}}` + "\n")
+	require.Equal(t, ssetest.Event{Type: "note", Data: `{"n":2}`, LastEventID: "a2", HasIDField: true}, s.NextEvent(t))
 }
 
 func TestHeadersArriveBeforeAnyEvent(t *testing.T) {
 	t.Run("upstream quiet", func(t *testing.T) {
 		up := newNDJSONUpstream(t)
-		startCaddy(t, idFeed(up, "/events"))
+		startCaddy(t, tailFeed(up.URL))
 		s := openStream(t, "/events")
 		expectStreamHeaders(t, s.Response)
 		up.WaitConnected(t, 1)
@@ -110,14 +55,14 @@ func TestHeadersArriveBeforeAnyEvent(t *testing.T) {
 
 func TestEachEventArrivesBeforeTheNextIsProduced(t *testing.T) {
 	up := newNDJSONUpstream(t)
-	startCaddy(t, idFeed(up, "/events"))
+	startCaddy(t, tailFeed(up.URL))
 	s := openStream(t, "/events")
 	up.WaitConnected(t, 1)
 	// A line written in pieces becomes an event when it is whole.
 	up.Send(`{"id":"p1",`)
 	s.ExpectQuiet(t, 100*time.Millisecond)
 	up.Send(`"body":"pieces"}` + "\n")
-	expectIDs(t, s, "p1")
+	s.ExpectIDs(t, "p1")
 	ids := make([]string, 20)
 	for i := range ids {
 		ids[i] = fmt.Sprintf("e%d", i)
@@ -125,7 +70,7 @@ func TestEachEventArrivesBeforeTheNextIsProduced(t *testing.T) {
 	sendAndExpect(t, up, ids, s)
 	// Lines written together arrive together, in order.
 	up.Send(line("b1", "x") + line("b2", "y") + line("b3", "z"))
-	expectIDs(t, s, "b1", "b2", "b3")
+	s.ExpectIDs(t, "b1", "b2", "b3")
 }
 
 func TestMapsIDsTypesAndData(t *testing.T) {
@@ -146,9 +91,7 @@ sse_feed /fixed {
 
 	first := `{"id":"m1","kind":"greeting","body":"line1\nline2\r\nline3"}`
 	up.Send(first + "\n")
-	if ev := typed.NextEvent(t); ev != (ssetest.Event{Type: "greeting", Data: "line1\nline2\nline3", LastEventID: "m1", HasIDField: true}) {
-		t.Errorf("typed event = %+v", ev)
-	}
+	assert.Equal(t, ssetest.Event{Type: "greeting", Data: "line1\nline2\nline3", LastEventID: "m1", HasIDField: true}, typed.NextEvent(t), "typed event")
 	ev := fixed.NextEvent(t)
 	if ev.Type != "note" || ev.Data != first || ev.LastEventID == "" || !ev.HasIDField {
 		t.Errorf("fixed event = %+v, want type note, data %s and a generated id", ev, first)
@@ -156,9 +99,7 @@ sse_feed /fixed {
 	generated := ev.LastEventID
 
 	up.Send(`{ "id": "m2", "body": { "a": 1, "b": [true, null] } }` + "\n")
-	if ev := typed.NextEvent(t); ev != (ssetest.Event{Type: "message", Data: `{"a":1,"b":[true,null]}`, LastEventID: "m2", HasIDField: true}) {
-		t.Errorf("typed event = %+v", ev)
-	}
+	assert.Equal(t, ssetest.Event{Type: "message", Data: `{"a":1,"b":[true,null]}`, LastEventID: "m2", HasIDField: true}, typed.NextEvent(t), "typed event")
 	ev = fixed.NextEvent(t)
 	if want := `{"id":"m2","body":{"a":1,"b":[true,null]}}`; ev.Type != "note" || ev.Data != want || ev.LastEventID == generated || ev.LastEventID == "" {
 		t.Errorf("fixed event = %+v, want type note, data %s and a new generated id", ev, want)
@@ -178,7 +119,7 @@ func TestResumesAfterAKnownID(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			up := newNDJSONUpstream(t)
-			startCaddy(t, idFeed(up, "/events"))
+			startCaddy(t, tailFeed(up.URL))
 			live := openStream(t, "/events")
 			up.WaitConnected(t, 1)
 			sendAndExpect(t, up, []string{"r1", "r2", "r3"}, live)
@@ -199,7 +140,7 @@ func TestResumesAfterAKnownID(t *testing.T) {
 			}()
 			resumed := openStream(t, tc.path, tc.header...)
 			<-sent
-			expectIDs(t, resumed, append([]string{"r2", "r3"}, more...)...)
+			resumed.ExpectIDs(t, append([]string{"r2", "r3"}, more...)...)
 			resumed.ExpectQuiet(t, 100*time.Millisecond)
 			sendAndExpect(t, up, []string{"r41"}, resumed)
 		})
@@ -210,23 +151,21 @@ func TestResetsOnAnUnknownID(t *testing.T) {
 	for _, tc := range []struct{ option, name string }{{"", "reset"}, {"reset_event gone", "gone"}} {
 		t.Run(tc.name, func(t *testing.T) {
 			up := newNDJSONUpstream(t)
-			startCaddy(t, idFeed(up, "/events", tc.option))
+			startCaddy(t, tailFeed(up.URL, tc.option))
 			live := openStream(t, "/events")
 			up.WaitConnected(t, 1)
 			sendAndExpect(t, up, []string{"k1", "k2"}, live)
 
 			s := openStream(t, "/events", "Last-Event-ID", "from-before")
-			reset := s.NextEvent(t)
-			if reset.Type != tc.name || reset.Data != `{"last_event_id":"from-before"}` || reset.HasIDField {
-				t.Fatalf("first event = %+v, want %q with the unknown id and no id field", reset, tc.name)
-			}
-			expectIDs(t, s, "k1", "k2")
+			require.Equal(t, ssetest.Event{Type: tc.name, Data: `{"last_event_id":"from-before"}`, LastEventID: ""}, s.NextEvent(t),
+				"the first event: the reset with the unknown id and no id field")
+			s.ExpectIDs(t, "k1", "k2")
 			sendAndExpect(t, up, []string{"k3"}, s, live)
 		})
 	}
 	t.Run("nothing retained", func(t *testing.T) {
 		up := newNDJSONUpstream(t)
-		startCaddy(t, idFeed(up, "/events"))
+		startCaddy(t, tailFeed(up.URL))
 		s := openStream(t, "/events", "Last-Event-ID", "from-before")
 		// The reset goes out at once, not with the next event.
 		if reset := s.NextEvent(t); reset.Type != "reset" {
@@ -239,22 +178,20 @@ func TestResetsOnAnUnknownID(t *testing.T) {
 
 func TestManySubscribersShareOneUpstreamConnection(t *testing.T) {
 	up := newNDJSONUpstream(t)
-	startCaddy(t, idFeed(up, "/events"))
+	startCaddy(t, tailFeed(up.URL))
 	streams := make([]*ssetest.Stream, 50)
 	for i := range streams {
 		streams[i] = openStream(t, "/events")
 	}
 	up.WaitConnected(t, 1)
 	sendAndExpect(t, up, []string{"s1", "s2", "s3", "s4", "s5"}, streams...)
-	if n := len(up.Requests()); n != 1 {
-		t.Fatalf("upstream got %d requests, want 1", n)
-	}
+	require.Len(t, up.Requests(), 1, "upstream requests")
 }
 
 func TestHeartbeat(t *testing.T) {
 	t.Run("comment", func(t *testing.T) {
 		up := newNDJSONUpstream(t)
-		startCaddy(t, idFeed(up, "/events", "heartbeat 200ms"))
+		startCaddy(t, tailFeed(up.URL, "heartbeat 200ms"))
 		s := openStream(t, "/events")
 		up.WaitConnected(t, 1)
 		sendAndExpect(t, up, []string{"h1"}, s)
@@ -266,7 +203,7 @@ func TestHeartbeat(t *testing.T) {
 	})
 	t.Run("off", func(t *testing.T) {
 		up := newNDJSONUpstream(t)
-		startCaddy(t, idFeed(up, "/events", "heartbeat off"))
+		startCaddy(t, tailFeed(up.URL, "heartbeat off"))
 		s := openStream(t, "/events")
 		up.WaitConnected(t, 1)
 		s.ExpectSilence(t, time.Second)
@@ -274,40 +211,35 @@ func TestHeartbeat(t *testing.T) {
 	})
 	t.Run("event", func(t *testing.T) {
 		up := newNDJSONUpstream(t)
-		startCaddy(t, idFeed(up, "/events", "heartbeat 200ms", "heartbeat_event ping"))
+		startCaddy(t, tailFeed(up.URL, "heartbeat 200ms", "heartbeat_event ping"))
 		s := openStream(t, "/events")
 		up.WaitConnected(t, 1)
 		up.Send(line("h1", "x"))
 		for ev := s.NextEvent(t); !ev.HasIDField; ev = s.NextEvent(t) {
 			// Heartbeats may come first on a slow machine.
 		}
-		if ev := s.NextEvent(t); ev != (ssetest.Event{Type: "ping", Data: "", LastEventID: "h1"}) {
-			t.Fatalf("heartbeat = %+v, want a ping with empty data and no id field", ev)
-		}
+		require.Equal(t, ssetest.Event{Type: "ping", Data: "", LastEventID: "h1"}, s.NextEvent(t),
+			"the heartbeat: a ping with empty data and no id field")
 	})
 }
 
 func TestRetryAndInitial(t *testing.T) {
 	up := newNDJSONUpstream(t)
-	startCaddy(t, idFeed(up, "/events", "retry 2500ms", "initial 2"))
+	startCaddy(t, tailFeed(up.URL, "retry 2500ms", "initial 2"))
 	first := openStream(t, "/events")
-	if item := first.Next(t); item.Retry != 2500 {
-		t.Fatalf("first item = %+v, want retry 2500", item)
-	}
+	require.Equal(t, 2500, first.Next(t).Retry, "the first item's retry")
 	up.WaitConnected(t, 1)
 	sendAndExpect(t, up, []string{"i1", "i2", "i3"}, first)
 
 	second := openStream(t, "/events")
-	if item := second.Next(t); item.Retry != 2500 {
-		t.Fatalf("first item = %+v, want retry 2500", item)
-	}
-	expectIDs(t, second, "i2", "i3")
+	require.Equal(t, 2500, second.Next(t).Retry, "the first item's retry")
+	second.ExpectIDs(t, "i2", "i3")
 	sendAndExpect(t, up, []string{"i4"}, first, second)
 }
 
 func TestMaxSubscribersTurnsTheExtraAwayWithRetry(t *testing.T) {
 	up := newNDJSONUpstream(t)
-	startCaddy(t, idFeed(up, "/events", "max_subscribers 1"))
+	startCaddy(t, tailFeed(up.URL, "max_subscribers 1"))
 	first := openStream(t, "/events")
 	up.WaitConnected(t, 1)
 
@@ -330,102 +262,47 @@ func TestLastIDPlaceholderResumesTheUpstream(t *testing.T) {
 	s := openStream(t, "/events")
 	up.WaitConnected(t, 1)
 	const id = "a b/&c=ü"
-	sendAndExpect(t, up, []string{"first", id}, s)
+	for _, id := range []string{"first", id} {
+		up.Send(line(id, "text of "+id))
+		s.ExpectIDs(t, id)
+	}
 	up.Disconnect()
 	up.WaitConnected(t, 1)
 
 	reqs := up.Requests()
-	if len(reqs) != 2 {
-		t.Fatalf("upstream got %d requests, want 2", len(reqs))
-	}
-	if got := reqs[0].URL.RawQuery; got != "since=" {
-		t.Errorf("first request query = %q, want since=", got)
-	}
-	if got := reqs[1].URL.Query().Get("since"); got != id {
-		t.Errorf("reconnect since = %q, want %q", got, id)
-	}
-	if got, want := reqs[1].Header.Get("X-Since"), "after "+url.QueryEscape(id); got != want {
-		t.Errorf("reconnect X-Since = %q, want %q", got, want)
-	}
-	sendAndExpect(t, up, []string{"after-reconnect"}, s)
+	require.Len(t, reqs, 2, "upstream requests")
+	assert.Equal(t, "since=", reqs[0].URL.RawQuery, "first request query")
+	assert.Equal(t, id, reqs[1].URL.Query().Get("since"), "reconnect since")
+	assert.Equal(t, "after "+url.QueryEscape(id), reqs[1].Header.Get("X-Since"), "reconnect X-Since")
+	up.Send(line("after-reconnect", "text"))
+	s.ExpectIDs(t, "after-reconnect")
 }
 
 func TestSkipsInvalidAndOversizedLines(t *testing.T) {
 	up := newNDJSONUpstream(t)
-	startCaddy(t, idFeed(up, "/events", "max_body 64"))
+	startCaddy(t, tailFeed(up.URL, "max_body 64"))
 	s := openStream(t, "/events")
 	up.WaitConnected(t, 1)
 	up.Send("{not json\n")
 	sendAndExpect(t, up, []string{"v1"}, s)
 	up.Send(line("long", strings.Repeat("x", 100)))
 	sendAndExpect(t, up, []string{"v2"}, s)
-	if n := len(up.Requests()); n != 1 {
-		t.Fatalf("upstream got %d requests, want 1: a bad line must not end the tail", n)
-	}
-}
-
-func TestReloadKeepsAnUnchangedFeed(t *testing.T) {
-	up := newNDJSONUpstream(t)
-	feed := "sse_feed /events {\n\ttail " + up.URL + "\n\t%s\n}"
-	startCaddy(t, fmt.Sprintf(feed, "heartbeat 10s"))
-	s := openStream(t, "/events")
-	up.WaitConnected(t, 1)
-	up.Send(`{"n":1}` + "\n")
-	before := s.NextEvent(t)
-
-	// Another route and another heartbeat leave the feed as it is.
-	startCaddy(t, fmt.Sprintf(feed, "heartbeat 20s")+"\nrespond /other \"other\"")
-	up.Send(`{"n":2}` + "\n")
-	after := s.NextEvent(t)
-	prefix, n, _ := strings.Cut(before.LastEventID, "-")
-	if after.Data != `{"n":2}` || after.LastEventID != prefix+"-"+fmt.Sprint(mustAtoi(t, n)+1) {
-		t.Fatalf("after the reload got %+v, want the id after %q", after, before.LastEventID)
-	}
-	if n := len(up.Requests()); n != 1 {
-		t.Fatalf("upstream got %d requests, want 1", n)
-	}
-
-	// A changed feed ends the old streams so that clients reconnect.
-	startCaddy(t, fmt.Sprintf(feed, "id /n"))
-	s.ExpectEnd(t, 3*time.Second)
-}
-
-func TestUnloadEndsStreams(t *testing.T) {
-	up := newNDJSONUpstream(t)
-	startCaddy(t, idFeed(up, "/events", "heartbeat off"))
-	s := openStream(t, "/events")
-	up.WaitConnected(t, 1)
-	sendAndExpect(t, up, []string{"u1"}, s)
-	startCaddy(t, `respond "no feed here"`)
-	s.ExpectEnd(t, 3*time.Second)
-	up.WaitConnected(t, 0)
+	require.Len(t, up.Requests(), 1, "upstream requests: a bad line must not end the tail")
 }
 
 // TestLatency logs how long an event takes from the upstream writing its
 // line to the client having it. It asserts no timing.
 func TestLatency(t *testing.T) {
 	up := newNDJSONUpstream(t)
-	startCaddy(t, idFeed(up, "/events"))
+	startCaddy(t, tailFeed(up.URL))
 	s := openStream(t, "/events")
 	up.WaitConnected(t, 1)
-	latencies := make([]time.Duration, 200)
-	for i := range latencies {
-		id := fmt.Sprintf("l%d", i)
-		start := time.Now()
-		up.Send(line(id, "latency"))
-		expectIDs(t, s, id)
-		latencies[i] = time.Since(start)
+	ids := make([]string, 200)
+	for i := range ids {
+		ids[i] = fmt.Sprintf("l%d", i)
 	}
+	latencies := sendAndExpect(t, up, ids, s)
 	slices.Sort(latencies)
 	t.Logf("upstream line to client event over %d events: p50 %v, p99 %v, max %v",
 		len(latencies), latencies[len(latencies)/2], latencies[len(latencies)*99/100], latencies[len(latencies)-1])
-}
-
-func mustAtoi(t *testing.T, s string) int {
-	t.Helper()
-	n, err := strconv.Atoi(s)
-	if err != nil {
-		t.Fatalf("%q is not a number: %v", s, err)
-	}
-	return n
 }

@@ -1,4 +1,4 @@
-package ssefeed_test
+package integration
 
 import (
 	"bytes"

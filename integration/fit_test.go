@@ -1,4 +1,4 @@
-package ssefeed_test
+package integration
 
 import (
 	"compress/gzip"
@@ -7,14 +7,13 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/caddyserver/caddy/v2/caddytest"
 	"github.com/klauspost/compress/zstd"
 	"github.com/quic-go/quic-go/http3"
+	"github.com/stretchr/testify/require"
 
 	"github.com/ssefeed/caddy-ssefeed/internal/ssetest"
 )
@@ -22,50 +21,17 @@ import (
 // These tests fit the module into the Caddy configs users have: behind
 // encode, over HTTP/2 and HTTP/3, with metrics, CORS and auth.
 
-const (
-	tlsURL     = "https://localhost:9443"
-	metricsURL = "http://localhost:2999/metrics"
-)
-
-// tailSite is a site body with a tail feed of upstream on /events.
-func tailSite(upstream, options string) string {
-	return `sse_feed /events {
-	tail ` + upstream + `
-	id /id
-	data /body
-	` + options + `
-}`
-}
-
-// caddyfileWith is caddyfile with extra global options.
-func caddyfileWith(globals, site string) string {
-	return strings.Replace(caddyfile(site), "{\n", "{\n"+globals+"\n", 1)
-}
-
-// startCaddyConfig loads a whole Caddyfile.
-func startCaddyConfig(t *testing.T, config string) *caddytest.Tester {
-	t.Helper()
-	tester := caddytest.NewTester(t)
-	tester.InitServer(config, "caddyfile")
-	return tester
-}
-
-// expectLive sends n lines upstream, one at a time, and checks that each
-// becomes an event on every stream before the next line is sent. It logs
-// how long each event took.
+// expectLive sends n lines upstream, with ids prefix1 to prefixN, one at a
+// time, and checks that each becomes an event on every stream before the
+// next line is sent. It logs how long each event took.
 func expectLive(t *testing.T, up *ndjsonUpstream, prefix string, n int, streams ...*ssetest.Stream) {
 	t.Helper()
-	for i := 1; i <= n; i++ {
-		id := prefix + strconv.Itoa(i)
-		sent := time.Now()
-		up.Send(fmt.Sprintf(`{"id":%q,"body":"event %d"}`+"\n", id, i))
-		for j, s := range streams {
-			ev := s.NextEvent(t)
-			if ev.LastEventID != id || ev.Data != fmt.Sprintf("event %d", i) {
-				t.Fatalf("stream %d: event %+v, want id %q", j, ev, id)
-			}
-			t.Logf("stream %d: event %s arrived %v after its upstream line", j, id, time.Since(sent))
-		}
+	ids := make([]string, n)
+	for i := range ids {
+		ids[i] = fmt.Sprintf("%s%d", prefix, i+1)
+	}
+	for i, d := range sendAndExpect(t, up, ids, streams...) {
+		t.Logf("event %s was on every stream %v after its upstream line", ids[i], d)
 	}
 }
 
@@ -100,14 +66,10 @@ func TestEncodeFlushesEachEvent(t *testing.T) {
 	} {
 		t.Run(tc.encoding, func(t *testing.T) {
 			up := newNDJSONUpstream(t)
-			startCaddy(t, "encode gzip zstd\n"+tailSite(up.URL, ""))
+			startCaddy(t, "encode gzip zstd\n"+tailFeed(up.URL))
 			s := ssetest.OpenWith(t, http.DefaultClient, tc.decode, siteURL+"/events", "Accept-Encoding", tc.encoding)
-			if got := s.Response.Header.Get("Content-Encoding"); got != tc.encoding {
-				t.Fatalf("Content-Encoding = %q, want %q", got, tc.encoding)
-			}
-			if got := s.Response.Header.Get("Content-Type"); got != "text/event-stream" {
-				t.Fatalf("Content-Type = %q", got)
-			}
+			require.Equal(t, tc.encoding, s.Response.Header.Get("Content-Encoding"))
+			require.Equal(t, "text/event-stream", s.Response.Header.Get("Content-Type"))
 			up.WaitConnected(t, 1)
 			expectLive(t, up, tc.encoding+"-", 5, s)
 		})
@@ -116,7 +78,7 @@ func TestEncodeFlushesEachEvent(t *testing.T) {
 
 func TestHTTP2Cleartext(t *testing.T) {
 	up := newNDJSONUpstream(t)
-	startCaddyConfig(t, caddyfileWith("servers {\n\tprotocols h1 h2c\n}", tailSite(up.URL, "")))
+	startCaddy(t, tailFeed(up.URL), withGlobal("servers {\n\tprotocols h1 h2c\n}"))
 	protocols := new(http.Protocols)
 	protocols.SetUnencryptedHTTP2(true)
 	transport := &http.Transport{Protocols: protocols}
@@ -130,44 +92,16 @@ func TestHTTP2Cleartext(t *testing.T) {
 		ssetest.OpenWith(t, client, nil, siteURL+"/events"),
 	}
 	for _, s := range streams {
-		if s.Response.ProtoMajor != 2 {
-			t.Fatalf("protocol %s, want HTTP/2", s.Response.Proto)
-		}
+		require.Equal(t, 2, s.Response.ProtoMajor, "protocol %s", s.Response.Proto)
 		expectNoConnectionHeaders(t, s.Response)
 	}
 	up.WaitConnected(t, 1)
 	expectLive(t, up, "h2c-", 3, streams...)
 }
 
-// waitForCertificate waits until Caddy serves a certificate on 9443: tls
-// internal issues it in the background after the config loads.
-func waitForCertificate(t *testing.T) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		conn, err := tls.Dial("tcp", "localhost:9443", &tls.Config{InsecureSkipVerify: true})
-		if err == nil {
-			conn.Close()
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("no TLS handshake on 9443 within 10s: %v", err)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-}
-
-// tlsSite is a Caddyfile with the test's HTTP site and an HTTPS site on
-// 9443 with a certificate from Caddy's internal CA, serving site.
-func tlsSite(globals, site string) string {
-	return caddyfileWith("auto_https disable_redirects\n"+globals, site) +
-		"https://localhost:9443 {\n\ttls internal\n" + site + "\n}\n"
-}
-
 func TestHTTP2OverTLS(t *testing.T) {
 	up := newNDJSONUpstream(t)
-	startCaddyConfig(t, tlsSite("", tailSite(up.URL, "")))
-	waitForCertificate(t)
+	startCaddy(t, tailFeed(up.URL), withTLS())
 	// The test trusts any certificate; the internal CA is not installed.
 	transport := &http.Transport{
 		TLSClientConfig:   &tls.Config{InsecureSkipVerify: true},
@@ -179,8 +113,7 @@ func TestHTTP2OverTLS(t *testing.T) {
 
 func TestHTTP3(t *testing.T) {
 	up := newNDJSONUpstream(t)
-	startCaddyConfig(t, tlsSite("servers {\n\tprotocols h1 h2 h3\n}", tailSite(up.URL, "")))
-	waitForCertificate(t)
+	startCaddy(t, tailFeed(up.URL), withTLS(), withGlobal("servers {\n\tprotocols h1 h2 h3\n}"))
 	transport := &http3.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}
 	t.Cleanup(func() { transport.Close() })
 	expectLiveOverTLS(t, up, transport, 3)
@@ -192,82 +125,18 @@ func TestHTTP3(t *testing.T) {
 func expectLiveOverTLS(t *testing.T, up *ndjsonUpstream, transport http.RoundTripper, major int) {
 	t.Helper()
 	s := ssetest.OpenWith(t, &http.Client{Transport: transport}, nil, tlsURL+"/events")
-	if s.Response.ProtoMajor != major {
-		t.Fatalf("protocol %s, want HTTP/%d", s.Response.Proto, major)
-	}
+	require.Equal(t, major, s.Response.ProtoMajor, "protocol %s", s.Response.Proto)
 	expectNoConnectionHeaders(t, s.Response)
 	up.WaitConnected(t, 1)
 	expectLive(t, up, fmt.Sprintf("h%d-", major), 3, s)
 }
 
-// scrape returns the text of the admin endpoint's /metrics.
-func scrape(t *testing.T) string {
-	t.Helper()
-	resp, err := http.Get(metricsURL)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	if err != nil || resp.StatusCode != http.StatusOK {
-		t.Fatalf("GET %s: %d %v", metricsURL, resp.StatusCode, err)
-	}
-	return string(body)
-}
-
-// expectMetrics checks that the scraped text has each series, written as in
-// the exposition format, with its value; values are waited for, since some
-// are counted after the event that the test sees.
-func expectMetrics(t *testing.T, want map[string]float64) {
-	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		text := scrape(t)
-		var wrong []string
-		for series, value := range want {
-			got, ok := metricValue(text, series)
-			if !ok || got != value {
-				wrong = append(wrong, fmt.Sprintf("%s = %v (present: %v), want %v", series, got, ok, value))
-			}
-		}
-		if len(wrong) == 0 {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("metrics:\n%s\nscraped:\n%s", strings.Join(wrong, "\n"), grepLines(text, "caddy_sse_feed_"))
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-}
-
-// metricValue finds the value of one series in exposition text.
-func metricValue(text, series string) (float64, bool) {
-	for line := range strings.Lines(text) {
-		if rest, ok := strings.CutPrefix(line, series+" "); ok {
-			v, err := strconv.ParseFloat(strings.TrimSpace(rest), 64)
-			return v, err == nil
-		}
-	}
-	return 0, false
-}
-
-// grepLines returns the lines of text that start with prefix.
-func grepLines(text, prefix string) string {
-	var b strings.Builder
-	for line := range strings.Lines(text) {
-		if strings.HasPrefix(line, prefix) {
-			b.WriteString(line)
-		}
-	}
-	return b.String()
-}
-
 func TestMetricsThroughAdminEndpointAcrossReloads(t *testing.T) {
 	up := newNDJSONUpstream(t)
 	site := func(heartbeat string) string {
-		return tailSite(up.URL, "name fit_metrics\n\theartbeat "+heartbeat)
+		return tailFeed(up.URL, "name fit_metrics", "heartbeat "+heartbeat)
 	}
-	tester := startCaddyConfig(t, caddyfileWith("metrics", site("10s")))
+	caddy := startCaddy(t, site("10s"), withGlobal("metrics"))
 
 	first := openStream(t, "/events")
 	up.WaitConnected(t, 1)
@@ -293,8 +162,8 @@ func TestMetricsThroughAdminEndpointAcrossReloads(t *testing.T) {
 		`caddy_sse_feed_resumptions_total{feed="fit_metrics",result="reset"}`:            1,
 		`caddy_sse_feed_upstream_errors_total{feed="fit_metrics",reason="invalid_json"}`: 1,
 	}
-	expectMetrics(t, want)
-	text := scrape(t)
+	expectMetrics(t, 5*time.Second, want)
+	text := scrapeMetrics(t)
 	if _, ok := metricValue(text, "caddy_sse_feed_bytes_written_total"+feed); !ok {
 		t.Errorf("no bytes written series:\n%s", grepLines(text, "caddy_sse_feed_"))
 	}
@@ -308,10 +177,10 @@ func TestMetricsThroughAdminEndpointAcrossReloads(t *testing.T) {
 
 	// A reload with a new registry and the feed unchanged: the streams go on
 	// and the counts are still there.
-	tester.InitServer(caddyfileWith("metrics", site("11s")), "caddyfile")
+	caddy.reload(site("11s"))
 	expectLive(t, up, "after-reload-", 1, first, hit, reset)
 	want["caddy_sse_feed_events_published_total"+feed] = 4
-	expectMetrics(t, want)
+	expectMetrics(t, 5*time.Second, want)
 }
 
 // The README's CORS snippet: a page on another origin opens an EventSource
@@ -333,7 +202,7 @@ const corsSnippet = `route /events {
 
 func TestCORSSnippet(t *testing.T) {
 	up := newNDJSONUpstream(t)
-	startCaddy(t, fmt.Sprintf(corsSnippet, tailSite(up.URL, "")))
+	startCaddy(t, fmt.Sprintf(corsSnippet, tailFeed(up.URL)))
 
 	req, err := http.NewRequest(http.MethodOptions, siteURL+"/events", nil)
 	if err != nil {
@@ -400,14 +269,11 @@ func expectUnauthorized(t *testing.T, up *ndjsonUpstream) {
 
 func TestBasicAuthInFront(t *testing.T) {
 	up := newNDJSONUpstream(t)
-	startCaddy(t, basicAuthSnippet+tailSite(up.URL, ""))
+	startCaddy(t, basicAuthSnippet+tailFeed(up.URL))
 
 	expectUnauthorized(t, up)
 
-	s := ssetest.Open(t, "http://alice:secret@localhost:9080/events")
-	if s.Response.StatusCode != http.StatusOK {
-		t.Fatalf("with credentials: status %d", s.Response.StatusCode)
-	}
+	s := ssetest.Open(t, "http://alice:secret@localhost:9080/events") // fails unless 200
 	up.WaitConnected(t, 1)
 	expectLive(t, up, "auth-", 2, s)
 }
@@ -429,14 +295,11 @@ func TestForwardAuthInFront(t *testing.T) {
 	}))
 	t.Cleanup(auth.Close)
 	up := newNDJSONUpstream(t)
-	startCaddy(t, fmt.Sprintf(forwardAuthSnippet, auth.Listener.Addr())+tailSite(up.URL, ""))
+	startCaddy(t, fmt.Sprintf(forwardAuthSnippet, auth.Listener.Addr())+tailFeed(up.URL))
 
 	expectUnauthorized(t, up)
 
-	s := openStream(t, "/events", "Cookie", "session=ok")
-	if s.Response.StatusCode != http.StatusOK {
-		t.Fatalf("with a session: status %d", s.Response.StatusCode)
-	}
+	s := openStream(t, "/events", "Cookie", "session=ok") // fails unless 200
 	up.WaitConnected(t, 1)
 	expectLive(t, up, "forward-", 2, s)
 }
