@@ -101,8 +101,9 @@ func serve(t *testing.T, h *Handler) *httptest.Server {
 	return srv
 }
 
-// expectIDs reads events and fails unless their ids are want, in order.
-func expectIDs(t *testing.T, s *ssetest.Stream, want ...string) {
+// expectPublishedIDs reads events and fails unless they are, in order, the
+// events publishIDs made of want.
+func expectPublishedIDs(t *testing.T, s *ssetest.Stream, want ...string) {
 	t.Helper()
 	for _, id := range want {
 		ev := s.NextEvent(t)
@@ -130,7 +131,7 @@ func TestServeHTTPHeadersBeforeAnyEvent(t *testing.T) {
 		t.Errorf("status %d, content length %d; want 200 and a stream", s.Response.StatusCode, s.Response.ContentLength)
 	}
 	publishIDs(h, "1")
-	expectIDs(t, s, "1")
+	expectPublishedIDs(t, s, "1")
 }
 
 func TestServeHTTPMethodNotAllowed(t *testing.T) {
@@ -180,9 +181,9 @@ func TestServeHTTPResumes(t *testing.T) {
 			srv := serve(t, h)
 			publishIDs(h, "1", "2", "3", "4")
 			s := ssetest.Open(t, srv.URL+tc.query, tc.header...)
-			expectIDs(t, s, "3", "4")
+			expectPublishedIDs(t, s, "3", "4")
 			publishIDs(h, "5")
-			expectIDs(t, s, "5")
+			expectPublishedIDs(t, s, "5")
 		})
 	}
 }
@@ -202,7 +203,7 @@ func TestServeHTTPResumeHandOverHasNoGapOrDuplicate(t *testing.T) {
 	}()
 	s := ssetest.Open(t, srv.URL, "Last-Event-ID", "2")
 	for i := 3; i <= last; i++ {
-		expectIDs(t, s, strconv.Itoa(i))
+		expectPublishedIDs(t, s, strconv.Itoa(i))
 	}
 	<-published
 }
@@ -222,9 +223,9 @@ func TestServeHTTPUnknownIDGetsResetThenRetained(t *testing.T) {
 			if reset.Type != "start_over" || reset.HasIDField || json.Unmarshal([]byte(reset.Data), &data) != nil || data.LastEventID != id {
 				t.Fatalf("first event %#v, want the reset event naming %q", reset, id)
 			}
-			expectIDs(t, s, "a", "b")
+			expectPublishedIDs(t, s, "a", "b")
 			publishIDs(h, "c")
-			expectIDs(t, s, "c")
+			expectPublishedIDs(t, s, "c")
 		})
 	}
 }
@@ -260,7 +261,7 @@ func TestServeHTTPResetWithNothingRetained(t *testing.T) {
 		t.Fatalf("first event %#v, want the reset event", reset)
 	}
 	publishIDs(h, "x")
-	expectIDs(t, s, "x")
+	expectPublishedIDs(t, s, "x")
 }
 
 func TestServeHTTPNeverWritesInvalidIDs(t *testing.T) {
@@ -390,9 +391,9 @@ func TestServeHTTPEvictedBeforeReadingGetsAResetNotADisconnect(t *testing.T) {
 	reset := s.NextEvent(t)
 	require.Equal(t, "reset", reset.Type)
 	require.JSONEq(t, `{"last_event_id":""}`, reset.Data)
-	expectIDs(t, s, "8", "9", "10")
+	expectPublishedIDs(t, s, "8", "9", "10")
 	publishIDs(h, "11")
-	expectIDs(t, s, "11")
+	expectPublishedIDs(t, s, "11")
 	require.Zero(t, testutil.ToFloat64(h.feed.metrics.slowDisconnect))
 }
 
@@ -414,7 +415,7 @@ func TestServeHTTPReloadEndsTheStreamsOfChangedHandlersOnly(t *testing.T) {
 	unloadChanged()
 	changedStream.ExpectEnd(t, 5*time.Second)
 	publishIDs(kept, "1")
-	expectIDs(t, keptStream, "1")
+	expectPublishedIDs(t, keptStream, "1")
 }
 
 func TestServeHTTPDoesNotWaitForARequestBody(t *testing.T) {

@@ -18,9 +18,10 @@ import (
 	"path/filepath"
 	"slices"
 	"sync"
-	"syscall"
 	"text/tabwriter"
 	"time"
+
+	"github.com/ssefeed/caddy-ssefeed/internal/ssetest"
 )
 
 type config struct {
@@ -84,7 +85,9 @@ func main() {
 	if *baseline != "" {
 		log.Fatal(serveBaseline(*baseline, *upstreamURL, *pprofAddr))
 	}
-	raiseFileLimit()
+	if _, err := ssetest.RaiseFileLimit(); err != nil {
+		log.Fatal(err)
+	}
 
 	var results []result
 	for _, target := range []string{"module", "baseline"} {
@@ -98,19 +101,6 @@ func main() {
 		results = append(results, r)
 	}
 	report(cfg, results)
-}
-
-// raiseFileLimit lifts the soft limit on open files to the hard one, for
-// this process and the servers it starts.
-func raiseFileLimit() {
-	var lim syscall.Rlimit
-	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
-		log.Fatal(err)
-	}
-	lim.Cur = lim.Max
-	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
-		log.Fatal(err)
-	}
 }
 
 // run measures one target.
