@@ -150,6 +150,7 @@ type stream struct {
 	buf       []byte   // bytes of this stream only: retry, reset, heartbeat
 	frames    [][]byte // scratch for the frames of one write
 	heartbeat *time.Timer
+	sent      time.Time // of the last write, kept when flush_interval is set
 }
 
 // run flushes the headers, takes the subscriber's position in the feed
@@ -213,14 +214,39 @@ func (s *stream) run(a admission, lastID string) {
 		select {
 		case <-wake:
 			busy = wrote
-			continue
 		default:
 			busy = false
+			// The log closes, and so closes wake, when the feed ends.
+			if !s.await(wake) {
+				return
+			}
 		}
-		// The log closes, and so closes wake, when the feed ends.
-		if !s.await(wake) {
+		if !s.coalesce() {
 			return
 		}
+	}
+}
+
+// coalesce waits, when flush_interval is set, until that long after the
+// last write, so that everything that arrives meanwhile goes out in one
+// write and one flush. It reports false when the stream must end instead.
+func (s *stream) coalesce() bool {
+	if s.h.FlushInterval <= 0 {
+		return true
+	}
+	wait := time.Until(s.sent.Add(time.Duration(s.h.FlushInterval)))
+	if wait <= 0 {
+		return true
+	}
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-s.ctx.Done():
+		return false
+	case <-s.end.Done():
+		return false
 	}
 }
 
@@ -281,6 +307,9 @@ func (s *stream) send() bool {
 	}
 	if s.clearDeadline {
 		_ = s.rc.SetWriteDeadline(time.Time{})
+	}
+	if s.h.FlushInterval > 0 {
+		s.sent = time.Now()
 	}
 	if s.heartbeat != nil {
 		s.heartbeat.Reset(time.Duration(s.h.Heartbeat))

@@ -15,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 	"unicode/utf8"
@@ -433,4 +434,63 @@ func TestServeHTTPDoesNotWaitForARequestBody(t *testing.T) {
 	require.NoError(t, err, "no response headers while the request body is unfinished")
 	require.Equal(t, http.StatusOK, resp.StatusCode)
 	require.Equal(t, "text/event-stream", resp.Header.Get("Content-Type"))
+}
+
+// flushCounter counts the flushes of the response it wraps.
+type flushCounter struct {
+	http.ResponseWriter
+	flushes *atomic.Int64
+}
+
+func (w flushCounter) Flush() {
+	w.flushes.Add(1)
+	http.NewResponseController(w.ResponseWriter).Flush()
+}
+
+func (w flushCounter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+// countingServer serves h with a response that counts its flushes.
+func countingServer(t *testing.T, h *Handler) (*httptest.Server, *atomic.Int64) {
+	var flushes atomic.Int64
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_ = h.ServeHTTP(flushCounter{w, &flushes}, r, nil)
+	}))
+	t.Cleanup(srv.Close)
+	return srv, &flushes
+}
+
+// twentyIDs returns the ids "0" to "19".
+func twentyIDs() []string {
+	ids := make([]string, 20)
+	for i := range ids {
+		ids[i] = strconv.Itoa(i)
+	}
+	return ids
+}
+
+func TestServeHTTPFlushesEveryEventByDefault(t *testing.T) {
+	h := &Handler{Heartbeat: -1}
+	provision(t, h)
+	srv, flushes := countingServer(t, h)
+	s := ssetest.Open(t, srv.URL)
+	for _, id := range twentyIDs() {
+		publishIDs(h, id)
+		expectPublishedIDs(t, s, id)
+	}
+	require.Equal(t, int64(1+20), flushes.Load(), "the headers, then each event")
+}
+
+func TestServeHTTPFlushIntervalCoalesces(t *testing.T) {
+	h := &Handler{Heartbeat: -1, FlushInterval: caddy.Duration(300 * time.Millisecond)}
+	provision(t, h)
+	srv, flushes := countingServer(t, h)
+	s := ssetest.Open(t, srv.URL)
+	ids := twentyIDs()
+	for _, id := range ids {
+		publishIDs(h, id)
+	}
+	expectPublishedIDs(t, s, ids...)
+	// The headers, the first event at once, then the other nineteen,
+	// which arrived within the interval, together.
+	require.LessOrEqual(t, flushes.Load(), int64(3))
 }

@@ -67,6 +67,12 @@ type Handler struct {
 	// ResetEvent names the event sent to a subscriber whose Last-Event-ID is
 	// unknown; its data is {"last_event_id": "<id>"}. Default: reset.
 	ResetEvent string `json:"reset_event,omitempty"`
+	// FlushInterval, when set, lets each subscriber take everything that
+	// arrived within the interval in one write and one flush: for fast
+	// feeds, fewer writes at the cost of up to this much latency.
+	// Heartbeats, resumption and the slow-subscriber rules are unchanged.
+	// Default: 0, every event is flushed the moment it exists.
+	FlushInterval caddy.Duration `json:"flush_interval,omitempty"`
 	// MaxSubscribers limits the feed's concurrent subscribers; others get a
 	// 200 with a jittered `retry:` and an ended stream. Default: 0, no limit.
 	MaxSubscribers int `json:"max_subscribers,omitempty"`
@@ -179,8 +185,8 @@ func (h *Handler) Validate() error {
 		return err
 	}
 	switch {
-	case h.Retry < 0:
-		return fmt.Errorf("retry must not be negative")
+	case h.Retry < 0, h.FlushInterval < 0:
+		return fmt.Errorf("retry and flush_interval must not be negative")
 	case h.MaxSubscribers < 0:
 		return fmt.Errorf("max_subscribers must not be negative")
 	case h.Initial != nil && *h.Initial < 0:
