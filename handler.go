@@ -63,7 +63,6 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		defer func() { _ = rc.SetReadDeadline(time.Now()) }()
 	}
 
-	group := h.streams
 	f, a, err := h.subscribe(r)
 	if errors.Is(err, errOverCapacity) {
 		w.WriteHeader(http.StatusOK)
@@ -91,7 +90,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		rc:     rc,
 		remote: r.RemoteAddr,
 		ctx:    r.Context(),
-		end:    group.ctx,
+		end:    f.ctx,
 		// An HTTP/2 write deadline resets the stream when it passes, even
 		// with no write in flight.
 		clearDeadline: r.ProtoMajor == 2,
@@ -99,11 +98,11 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	if h.Retry > 0 {
 		s.buf = appendRetry(s.buf, time.Duration(h.Retry))
 	}
-	// When the handler's streams end, a write blocked on a client that
+	// When the feed ends or Caddy exits, a write blocked on a client that
 	// stopped reading ends at once too. Caddy's writers are not safe for
 	// use from another goroutine; the one they wrap is.
 	inner := http.NewResponseController(innermost(w))
-	defer context.AfterFunc(group.ctx, func() { _ = inner.SetWriteDeadline(time.Now()) })()
+	defer context.AfterFunc(f.ctx, func() { _ = inner.SetWriteDeadline(time.Now()) })()
 	s.run(a, lastEventID(r))
 	return nil
 }
@@ -142,8 +141,7 @@ type stream struct {
 	remote string
 	// ctx is the request's: it ends when the client leaves.
 	ctx context.Context
-	// end ends when the handler's streams must end: its config is gone, or
-	// Caddy exits.
+	// end ends when the stream must end: its feed ended, or Caddy exits.
 	end           context.Context
 	clearDeadline bool
 
@@ -252,7 +250,7 @@ func (s *stream) coalesce() bool {
 
 // await waits until ch is closed, sending heartbeats meanwhile. It reports
 // false when the stream must end instead: the client left, a heartbeat
-// could not be written, or the handler's streams end. Every case costs
+// could not be written, or the feed ends or Caddy exits. Every case costs
 // each waiting subscriber a lock at every wake-up, so only the cases that
 // can matter are given.
 func (s *stream) await(ch <-chan struct{}) bool {

@@ -398,27 +398,6 @@ func TestServeHTTPEvictedBeforeReadingGetsAResetNotADisconnect(t *testing.T) {
 	require.Zero(t, testutil.ToFloat64(h.feed.metrics.slowDisconnect))
 }
 
-func TestServeHTTPReloadEndsTheStreamsOfChangedHandlersOnly(t *testing.T) {
-	tail := ssetest.ClosedURL(t)
-	config := func(retry time.Duration) *Handler {
-		return &Handler{FeedConfig: FeedConfig{Tail: tail}, Heartbeat: -1, Retry: caddy.Duration(retry)}
-	}
-	kept, changed := config(time.Second), config(2*time.Second)
-	unloadKept, unloadChanged := provision(t, kept), provision(t, changed)
-	require.Same(t, kept.feed, changed.feed, "two handlers of one feed config share the feed")
-	keptStream, changedStream := ssetest.Open(t, serve(t, kept).URL), ssetest.Open(t, serve(t, changed).URL)
-
-	// A reload keeps one handler and changes the other; then the old
-	// config is cleaned up. The feed stays: the new config still has it.
-	provision(t, config(time.Second))
-	provision(t, config(3*time.Second))
-	unloadKept()
-	unloadChanged()
-	changedStream.ExpectEnd(t, 5*time.Second)
-	publishIDs(kept, "1")
-	expectPublishedIDs(t, keptStream, "1")
-}
-
 func TestServeHTTPDoesNotWaitForARequestBody(t *testing.T) {
 	// With the body unread the server cannot see the client leave; a
 	// heartbeat's failed write tells the stream.

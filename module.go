@@ -6,7 +6,6 @@ package ssefeed
 
 import (
 	"encoding/json"
-	"errors"
 	"fmt"
 	"net/http"
 	"time"
@@ -82,11 +81,7 @@ type Handler struct {
 	feed    *feed
 	set     *feedSet
 	feedKey string
-	// streams ends the handler's streams when no config has this handler
-	// any more, or when Caddy exits.
-	streams    *streamGroup
-	streamsKey string
-	logger     *zap.Logger
+	logger  *zap.Logger
 }
 
 // CaddyModule returns the Caddy module information.
@@ -122,14 +117,6 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return err
 	}
 
-	if h.streamsKey, err = jsonKey(h); err != nil {
-		return err
-	}
-	group, _, err := streamGroups.LoadOrNew(h.streamsKey, newStreamGroup)
-	if err != nil {
-		return err
-	}
-	h.streams = group.(*streamGroup)
 	// The key is taken before the cluster module is loaded, which empties
 	// its raw config.
 	if h.feedKey, err = jsonKey(&h.FeedConfig); err != nil {
@@ -215,19 +202,14 @@ func (h *Handler) subscribe(r *http.Request) (*feed, admission, error) {
 	return h.feed, a, nil
 }
 
-// Cleanup releases the handler's hold on its feed and on its streams; the
-// feed stops, and the streams end, when no config uses them any more.
+// Cleanup releases the handler's hold on its feed; the feed stops, and its
+// streams end, when no config uses it any more.
 func (h *Handler) Cleanup() error {
-	var errs []error
-	if h.streams != nil {
-		_, err := streamGroups.Delete(h.streamsKey)
-		errs = append(errs, err)
+	if h.feed == nil && h.set == nil {
+		return nil
 	}
-	if h.feed != nil || h.set != nil {
-		_, err := feeds.Delete(h.feedKey)
-		errs = append(errs, err)
-	}
-	return errors.Join(errs...)
+	_, err := feeds.Delete(h.feedKey)
+	return err
 }
 
 // jsonKey returns the canonical JSON form of v, to key a usage pool.
