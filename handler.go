@@ -90,7 +90,6 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		rc:     rc,
 		remote: r.RemoteAddr,
 		ctx:    r.Context(),
-		end:    f.ctx,
 		// An HTTP/2 write deadline resets the stream when it passes, even
 		// with no write in flight.
 		clearDeadline: r.ProtoMajor == 2,
@@ -140,9 +139,7 @@ type stream struct {
 	rc     *http.ResponseController
 	remote string
 	// ctx is the request's: it ends when the client leaves.
-	ctx context.Context
-	// end ends when the stream must end: its feed ended, or Caddy exits.
-	end           context.Context
+	ctx           context.Context
 	clearDeadline bool
 
 	buf       []byte   // bytes of this stream only: retry, reset, heartbeat
@@ -243,7 +240,7 @@ func (s *stream) coalesce() bool {
 		return true
 	case <-s.ctx.Done():
 		return false
-	case <-s.end.Done():
+	case <-s.f.ctx.Done():
 		return false
 	}
 }
@@ -269,7 +266,7 @@ func (s *stream) await(ch <-chan struct{}) bool {
 			}
 		case <-s.ctx.Done():
 			return false
-		case <-s.end.Done():
+		case <-s.f.ctx.Done():
 			return false
 		}
 	}
@@ -296,7 +293,7 @@ func (s *stream) send() bool {
 		err = s.rc.Flush()
 	}
 	if err != nil {
-		if errors.Is(err, os.ErrDeadlineExceeded) && s.ctx.Err() == nil && s.end.Err() == nil {
+		if errors.Is(err, os.ErrDeadlineExceeded) && s.ctx.Err() == nil && s.f.ctx.Err() == nil {
 			s.f.metrics.slowDisconnect.Inc()
 			s.f.logger.Info("disconnected a subscriber that stopped reading",
 				zap.String("remote", s.remote), zap.Duration("stalled", stallTimeout))
