@@ -46,13 +46,8 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		w.Header().Set("Allow", "GET, HEAD")
 		return caddyhttp.Error(http.StatusMethodNotAllowed, errors.New("event streams answer GET and HEAD only"))
 	}
-	header := w.Header()
-	header.Set("Content-Type", "text/event-stream")
-	header.Set("Cache-Control", "no-cache")
-	header.Set("X-Accel-Buffering", "no")
-	header.Del("Content-Length")
 	if r.Method == http.MethodHead {
-		w.WriteHeader(http.StatusOK)
+		writeStreamHeader(w)
 		return nil
 	}
 	rc := http.NewResponseController(w)
@@ -65,7 +60,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 
 	f, a, err := h.subscribe(r)
 	if errors.Is(err, errOverCapacity) {
-		w.WriteHeader(http.StatusOK)
+		writeStreamHeader(w)
 		base := max(time.Duration(h.Retry), overCapacityRetry)
 		_, _ = w.Write(appendRetry(nil, base+rand.N(base)))
 		return nil
@@ -78,11 +73,10 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		// The upstream's first answer tells whether this subscriber may
 		// have the feed.
 		if status := f.verdict(r.Context(), time.Duration(h.Timeout)); status != 0 {
-			header.Del("Content-Type")
 			return caddyhttp.Error(status, fmt.Errorf("the upstream answered %d", status))
 		}
 	}
-	w.WriteHeader(http.StatusOK)
+	writeStreamHeader(w)
 	s := &stream{
 		h:      h,
 		f:      f,
@@ -104,6 +98,18 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	defer context.AfterFunc(f.ctx, func() { _ = inner.SetWriteDeadline(time.Now()) })()
 	s.run(a, lastEventID(r))
 	return nil
+}
+
+// writeStreamHeader writes the header of an event stream with status 200.
+// EventSource takes nothing else for a stream: a 200 of another type, like
+// any other status, makes it give up for good.
+func writeStreamHeader(w http.ResponseWriter) {
+	header := w.Header()
+	header.Set("Content-Type", "text/event-stream")
+	header.Set("Cache-Control", "no-cache")
+	header.Set("X-Accel-Buffering", "no")
+	header.Del("Content-Length")
+	w.WriteHeader(http.StatusOK)
 }
 
 // innermost returns the ResponseWriter at the bottom of the wrappers.
