@@ -39,6 +39,17 @@ func newSharing(backend cluster.Backend, id string, limits replay.Limits, log *r
 	}
 }
 
+// known has the mirror catch up with the shared log, for at most a third
+// of the lease, and reports whether the local log then has id.
+func (s *sharing) known(log eventLog, id string) (uint64, bool) {
+	ctx, cancel := context.WithTimeout(context.Background(), s.ttl/3)
+	defer cancel()
+	if s.mirror.Sync(ctx) != nil {
+		return 0, false
+	}
+	return log.After(id)
+}
+
 // sharedState is what a lease holder stores with each append, so that the
 // next holder continues where it stopped.
 type sharedState struct {

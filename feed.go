@@ -207,11 +207,16 @@ func (f *feed) startReader() {
 // No id gets the initial count of newest events. When the position
 // depends on the upstream's current state, join returns a channel to wait
 // for instead; call it again once that is closed. In a cluster, an id is
-// unknown only once the local log has caught up with the shared one.
+// unknown only once the local log has caught up with the shared one, and
+// is looked for there too.
 func (f *feed) join(a admission, lastID string, initial int) (position, <-chan struct{}) {
 	f.log.Expire()
 	if lastID != "" {
-		if cursor, ok := f.log.After(lastID); ok {
+		cursor, ok := f.log.After(lastID)
+		if !ok && f.shared != nil && isClosed(a.ready) {
+			cursor, ok = f.shared.known(f.log, lastID)
+		}
+		if ok {
 			f.metrics.resumeHit.Inc()
 			return position{cursor: cursor}, nil
 		}
