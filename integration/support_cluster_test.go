@@ -386,6 +386,9 @@ func (s *roamerStats) add(o roamerStats) {
 	s.connections += o.connections
 	s.failures += o.failures
 	s.nodes = max(s.nodes, o.nodes)
+	if s.first == 0 || o.first > 0 && o.first < s.first {
+		s.first = o.first
+	}
 	s.max = max(s.max, o.max)
 }
 
