@@ -39,6 +39,17 @@ func newSharing(backend cluster.Backend, id string, limits replay.Limits, log *r
 	}
 }
 
+// known has the mirror catch up with the shared log, for at most a third
+// of the lease, and reports whether the local log then has id.
+func (s *sharing) known(log eventLog, id string) (uint64, bool) {
+	ctx, cancel := context.WithTimeout(context.Background(), s.ttl/3)
+	defer cancel()
+	if s.mirror.Sync(ctx) != nil {
+		return 0, false
+	}
+	return log.After(id)
+}
+
 // sharedState is what a lease holder stores with each append, so that the
 // next holder continues where it stopped.
 type sharedState struct {
@@ -80,7 +91,7 @@ func (f *feed) lead(ctx context.Context, m cluster.Meta) {
 	s := &leaseSink{f: f, ctx: ctx, cancel: cancel, epoch: m.Epoch, term: m.Term, seq: m.LastSeq}
 	f.publishMu.Lock()
 	f.restore(m)
-	s.state = f.state()
+	s.state = f.state(nil)
 	f.publishMu.Unlock()
 	f.source.Run(ctx, s)
 }
@@ -111,10 +122,14 @@ func (f *feed) restore(m cluster.Meta) {
 	}
 }
 
-// state returns the state to store with an append. f.publishMu must be
-// held, and the source must be the caller or not running.
-func (f *feed) state() []byte {
+// state returns the state to store with an append of frames: the last
+// id is theirs, if any. f.publishMu must be held, and the source must be
+// the caller or not running.
+func (f *feed) state(frames []replay.Frame) []byte {
 	state := sharedState{LastID: f.lastID}
+	if len(frames) > 0 {
+		state.LastID = frames[len(frames)-1].ID
+	}
 	for key := range f.lastPoll {
 		state.LastPoll = append(state.LastPoll, key)
 	}
@@ -166,7 +181,7 @@ func (s *leaseSink) append(frames []replay.Frame) {
 	if s.ctx.Err() != nil {
 		return
 	}
-	state := f.state()
+	state := f.state(frames)
 	if len(frames) == 0 && string(state) == string(s.state) {
 		return
 	}

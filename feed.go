@@ -213,15 +213,21 @@ func (f *feed) startReader() {
 // every retained event of an item or tail feed, or the latest document.
 // No id gets the initial count of newest events. When the position
 // depends on the upstream's current state, join returns a channel to wait
-// for instead; call it again once that is closed.
+// for instead; call it again once that is closed. In a cluster, an id is
+// unknown only once the local log has caught up with the shared one, and
+// is looked for there too.
 func (f *feed) join(a admission, lastID string, initial int) (position, <-chan struct{}) {
 	f.log.Expire()
 	if lastID != "" {
-		if cursor, ok := f.log.After(lastID); ok {
+		cursor, ok := f.log.After(lastID)
+		if !ok && f.shared != nil && isClosed(a.ready) {
+			cursor, ok = f.shared.known(f.log, lastID)
+		}
+		if ok {
 			f.metrics.resumeHit.Inc()
 			return position{cursor: cursor}, nil
 		}
-		if f.kind != documentFeed {
+		if f.kind != documentFeed && (f.shared == nil || isClosed(a.ready)) {
 			f.metrics.resumeReset.Inc()
 			f.logger.Debug("unknown last event id; sending reset", zap.Int("id_length", len(lastID)))
 			return position{cursor: f.log.Tail(f.log.Next(), math.MaxInt), reset: true}, nil
@@ -242,6 +248,16 @@ func (f *feed) join(a admission, lastID string, initial int) (position, <-chan s
 	f.metrics.resumeReset.Inc()
 	f.logger.Debug("unknown last event id; sending reset", zap.Int("id_length", len(lastID)))
 	return position{cursor: f.log.Tail(end, 1), reset: true}, nil
+}
+
+// isClosed reports whether ready is nil or closed.
+func isClosed(ready <-chan struct{}) bool {
+	select {
+	case <-ready:
+		return true
+	default:
+		return ready == nil
+	}
 }
 
 // read appends to dst the frames after cursor that one write takes, as

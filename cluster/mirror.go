@@ -37,6 +37,8 @@ type Mirror struct {
 	Logger *zap.Logger
 
 	readyOnce sync.Once
+	// reading serialises the catch-ups of Run and Sync.
+	reading sync.Mutex
 
 	mu       sync.Mutex
 	ready    chan struct{} // closed after the first catch-up
@@ -62,7 +64,7 @@ func (m *Mirror) Run(ctx context.Context) {
 	defer ticker.Stop()
 	f := faults{op: "read", observer: m.Observer, logger: logger}
 	for ctx.Err() == nil {
-		if err := m.catchUp(ctx, logger); err != nil {
+		if err := m.syncWith(ctx, logger); err != nil {
 			if ctx.Err() != nil {
 				return
 			}
@@ -93,6 +95,24 @@ func (m *Mirror) readyChan() chan struct{} {
 		m.ready = make(chan struct{})
 	}
 	return m.ready
+}
+
+// Sync reads what the shared log has now, so that the local log has every
+// entry appended before the call, wherever it was appended: a subscriber
+// may bring an id that another instance delivered before this mirror had
+// its hint.
+func (m *Mirror) Sync(ctx context.Context) error {
+	logger := m.Logger
+	if logger == nil {
+		logger = zap.NewNop()
+	}
+	return m.syncWith(ctx, logger)
+}
+
+func (m *Mirror) syncWith(ctx context.Context, logger *zap.Logger) error {
+	m.reading.Lock()
+	defer m.reading.Unlock()
+	return m.catchUp(ctx, logger)
 }
 
 // catchUp reads and appends until the mirror has everything the shared log

@@ -163,6 +163,7 @@ type process struct {
 	exited chan struct{} // closed when the process has exited
 	err    error         // how it exited; read after exited is closed
 	output bytes.Buffer  // its stdout and stderr; read after exited is closed
+	proc   *os.Process   // the process, to signal it
 }
 
 // startProcess runs bin with args, its home and XDG directories set to a
@@ -176,6 +177,7 @@ func startProcess(t *testing.T, bin string, args ...string) *process {
 	cmd.Env = append(os.Environ(), "HOME="+dir, "XDG_CONFIG_HOME="+dir, "XDG_DATA_HOME="+dir)
 	cmd.Stdout, cmd.Stderr = &p.output, &p.output
 	require.NoError(t, cmd.Start())
+	p.proc = cmd.Process
 	go func() {
 		p.err = cmd.Wait()
 		close(p.exited)
