@@ -2,9 +2,15 @@ package integration
 
 import (
 	"fmt"
+	"net/http"
+	"os"
 	"os/exec"
+	"syscall"
 	"testing"
 	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
 
 	"github.com/ssefeed/caddy-ssefeed/internal/ssetest"
 )
@@ -82,4 +88,79 @@ http://localhost:9082 {
 	exit := time.Since(start)
 	waitAllEnded(t, streams, time.Second)
 	t.Logf("caddy stop with %d open streams: the process exited %v after the stop command started", manyStreams, exit.Round(time.Millisecond))
+}
+
+// TestExitAfterReloadEndsStreams runs the real binary with Caddy's default
+// eternal grace period, opens a stream, reloads a changed Caddyfile that
+// keeps the feed, and then signals the process: it must exit promptly and
+// end the stream, although the stream was opened under the config before
+// the reload, whose handlers Caddy does not tell of the exit.
+func TestExitAfterReloadEndsStreams(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds and runs the caddy binary")
+	}
+	for name, sig := range map[string]os.Signal{"SIGTERM": syscall.SIGTERM, "SIGINT": syscall.SIGINT} {
+		t.Run(name, func(t *testing.T) {
+			up := newNDJSONUpstream(t)
+			feed := tailFeed(up.URL)
+			caddy := startBinary(t, feed)
+			s := ssetest.Open(t, caddy.URL+"/events")
+			up.WaitConnected(t, 1)
+			sendAndExpect(t, up, []string{"before-reload"}, s)
+
+			caddy.reload(t, feed+"\nrespond /other \"reloaded\"")
+			resp, err := http.Get(caddy.URL + "/other")
+			require.NoError(t, err)
+			resp.Body.Close()
+			require.Equal(t, http.StatusOK, resp.StatusCode, "the reloaded config's route")
+			sendAndExpect(t, up, []string{"after-reload"}, s)
+
+			start := time.Now()
+			caddy.signal(t, sig)
+			caddy.expectExit(t, 5*time.Second, "held by a stream opened before a reload")
+			s.ExpectEnd(t, time.Second)
+			t.Logf("%s: exited %v after the signal", name, time.Since(start).Round(time.Millisecond))
+		})
+	}
+}
+
+// TestStopWithStalledClientsExitsAtOnce runs the real binary on a feed of
+// large events, published fast, with five clients that stopped reading and
+// one that reads: `caddy stop` must end every stream at once. A stream
+// blocked in a write on a client that reads nothing must not hold the exit
+// until its write times out.
+func TestStopWithStalledClientsExitsAtOnce(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds and runs the caddy binary")
+	}
+	const stalled = 5
+	up := newNumberedUpstream(t, 5*time.Millisecond, 32<<10)
+	caddy := startBinary(t, `sse_feed /events {
+	tail `+up.feedURL()+`
+	id /id
+	name stop
+}`)
+	reader := ssetest.Open(t, caddy.URL+"/events")
+	reader.NextEvent(t)
+	for range stalled {
+		// An unknown id is owed every retained event at once.
+		stalledClientOf(t, caddy.URL+"/events", "Last-Event-ID", "unknown")
+	}
+	admin := "http://" + caddy.admin
+	require.EventuallyWithT(t, func(c *assert.CollectT) {
+		v, _ := metricValue(scrapeMetricsOf(c, admin), `caddy_sse_feed_subscribers{feed="stop"}`)
+		assert.Equal(c, float64(stalled+1), v, "subscribers")
+	}, 5*time.Second, 50*time.Millisecond)
+	// A second of events at 6 MB/s fills the stalled clients' socket
+	// buffers, so that their streams block in a write.
+	time.Sleep(time.Second)
+	reader.NextEvent(t)
+
+	start := time.Now()
+	caddy.stop(t)
+	caddy.expectExit(t, 3*time.Second, fmt.Sprintf("with %d clients that stopped reading", stalled))
+	exit := time.Since(start)
+	reader.ExpectEnd(t, time.Second)
+	t.Logf("caddy stop with %d stalled clients and one reader: the process exited %v after the stop command started",
+		stalled, exit.Round(time.Millisecond))
 }

@@ -2,10 +2,13 @@ package integration
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -165,10 +168,19 @@ func waitAllEnded(t *testing.T, streams []*liveStream, within time.Duration) tim
 	return time.Since(start)
 }
 
-// stalledClient opens a stream over a raw TCP connection with a tiny
-// receive buffer and never reads it.
-func stalledClient(t *testing.T, path string) net.Conn {
+// stalledClient opens a stream of path on the test site over a raw TCP
+// connection with a tiny receive buffer and never reads it. The header
+// comes as name, value pairs.
+func stalledClient(t *testing.T, path string, header ...string) net.Conn {
 	t.Helper()
+	return stalledClientOf(t, siteURL+path, header...)
+}
+
+// stalledClientOf is stalledClient for any URL.
+func stalledClientOf(t *testing.T, rawURL string, header ...string) net.Conn {
+	t.Helper()
+	u, err := url.Parse(rawURL)
+	require.NoError(t, err)
 	dialer := net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
 		var err error
 		if cerr := c.Control(func(fd uintptr) {
@@ -178,10 +190,16 @@ func stalledClient(t *testing.T, path string) net.Conn {
 		}
 		return err
 	}}
-	conn, err := dialer.Dial("tcp", "127.0.0.1:9080")
+	conn, err := dialer.Dial("tcp", u.Host)
 	require.NoError(t, err)
 	t.Cleanup(func() { conn.Close() })
-	_, err = io.WriteString(conn, "GET "+path+" HTTP/1.1\r\nHost: localhost:9080\r\n\r\n")
+	var req strings.Builder
+	fmt.Fprintf(&req, "GET %s HTTP/1.1\r\nHost: %s\r\n", u.RequestURI(), u.Host)
+	for i := 0; i+1 < len(header); i += 2 {
+		fmt.Fprintf(&req, "%s: %s\r\n", header[i], header[i+1])
+	}
+	req.WriteString("\r\n")
+	_, err = io.WriteString(conn, req.String())
 	require.NoError(t, err)
 	return conn
 }
