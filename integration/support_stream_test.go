@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -85,8 +86,15 @@ type liveStream struct {
 // the background until they end or the test does.
 func openLiveStreams(t *testing.T, client *http.Client, rawURL string, n int) []*liveStream {
 	t.Helper()
-	streams := make([]*liveStream, n)
-	errs := make(chan error, n)
+	return openLiveStreamsOf(t, client, slices.Repeat([]string{rawURL}, n))
+}
+
+// openLiveStreamsOf opens a stream of each URL with client, as
+// openLiveStreams does.
+func openLiveStreamsOf(t *testing.T, client *http.Client, urls []string) []*liveStream {
+	t.Helper()
+	streams := make([]*liveStream, len(urls))
+	errs := make(chan error, len(urls))
 	var opening sync.WaitGroup
 	gate := make(chan struct{}, 32)
 	for i := range streams {
@@ -97,7 +105,7 @@ func openLiveStreams(t *testing.T, client *http.Client, rawURL string, n int) []
 		gate <- struct{}{}
 		opening.Go(func() {
 			defer func() { <-gate }()
-			resp, err := ssetest.Get(ctx, client, rawURL)
+			resp, err := ssetest.Get(ctx, client, urls[i])
 			if err != nil {
 				errs <- err
 				close(s.ended)
