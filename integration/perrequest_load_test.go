@@ -129,31 +129,30 @@ func TestPerRequestMaxFeeds(t *testing.T) {
 
 // loadUpstream answers {"v":1} to every request: the first request for
 // each path at once, later ones after a delay that the test sets. It
-// records when each request arrived and the most it served at once.
+// records when each request for each path arrived, and the most requests
+// it served at once.
 type loadUpstream struct {
 	URL   string
 	delay atomic.Int64 // nanoseconds
 
 	mu          sync.Mutex
-	seen        map[string]bool
-	arrivals    []time.Time
+	arrivals    map[string][]time.Time
 	inFlight    int
 	maxInFlight int
 }
 
 func newLoadUpstream(t *testing.T) *loadUpstream {
-	u := &loadUpstream{seen: make(map[string]bool)}
+	u := &loadUpstream{arrivals: make(map[string][]time.Time)}
 	u.URL = newFuncUpstream(t, u.serve).URL
 	return u
 }
 
 func (u *loadUpstream) serve(w http.ResponseWriter, r *http.Request) {
 	u.mu.Lock()
-	u.arrivals = append(u.arrivals, time.Now())
+	first := len(u.arrivals[r.URL.Path]) == 0
+	u.arrivals[r.URL.Path] = append(u.arrivals[r.URL.Path], time.Now())
 	u.inFlight++
 	u.maxInFlight = max(u.maxInFlight, u.inFlight)
-	first := !u.seen[r.URL.Path]
-	u.seen[r.URL.Path] = true
 	u.mu.Unlock()
 	defer func() {
 		u.mu.Lock()
@@ -171,17 +170,15 @@ func (u *loadUpstream) serve(w http.ResponseWriter, r *http.Request) {
 	_, _ = io.WriteString(w, `{"v":1}`)
 }
 
-// arrivalsSince returns the arrival times from from on.
-func (u *loadUpstream) arrivalsSince(from time.Time) []time.Time {
+// arrivalsOf returns the arrival times of the requests for each path.
+func (u *loadUpstream) arrivalsOf() map[string][]time.Time {
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	var since []time.Time
-	for _, a := range u.arrivals {
-		if !a.Before(from) {
-			since = append(since, a)
-		}
+	arrivals := make(map[string][]time.Time, len(u.arrivals))
+	for path, times := range u.arrivals {
+		arrivals[path] = slices.Clone(times)
 	}
-	return since
+	return arrivals
 }
 
 // takeMaxInFlight returns the most requests served at once since the last
@@ -195,9 +192,10 @@ func (u *loadUpstream) takeMaxInFlight() int {
 }
 
 // TestPerRequestThousandFeedsSpreadAndLimitRequests keeps 1,000 per-request
-// feeds live on a 1s interval. Their polls are spread over the interval, not
-// bunched where the subscribers arrived; and when the upstream slows down,
-// no more than max_concurrent_requests are in flight at once.
+// feeds live on a 1s interval. Their polls are spread over the interval:
+// each feed's polls settle at an offset of its own, not where its
+// subscriber arrived; and when the upstream slows down, no more than
+// max_concurrent_requests are in flight at once.
 func TestPerRequestThousandFeedsSpreadAndLimitRequests(t *testing.T) {
 	const (
 		feeds    = 1000
@@ -205,6 +203,10 @@ func TestPerRequestThousandFeedsSpreadAndLimitRequests(t *testing.T) {
 		interval = time.Second
 		buckets  = 10
 		measured = 3 // intervals
+		// shifted is how far, at least, a poll's offset in the interval
+		// counts as moved from the first poll's: much more than the
+		// drift of a few answers' time, a quarter of the interval.
+		shifted = interval / 4
 	)
 	raiseFileLimit(t, 5*feeds)
 	up := newLoadUpstream(t)
@@ -230,22 +232,37 @@ func TestPerRequestThousandFeedsSpreadAndLimitRequests(t *testing.T) {
 	}()
 	openingMax := up.takeMaxInFlight()
 
-	// From two intervals on, each feed polls once an interval, at an
-	// offset of its own.
+	// From two intervals on, each feed polls once an interval.
 	time.Sleep(2 * interval)
 	from := time.Now()
 	time.Sleep(measured * interval)
-	arrivals := up.arrivalsSince(from)
 	var histogram [buckets]int
-	for _, a := range arrivals {
-		histogram[a.Sub(from)%interval*buckets/interval]++
+	total, moved := 0, 0
+	for path, times := range up.arrivalsOf() {
+		i := slices.IndexFunc(times, from.Before)
+		if i < 0 {
+			t.Errorf("no poll of %s in %d intervals", path, measured)
+			continue
+		}
+		for _, a := range times[i:] {
+			histogram[a.Sub(from)%interval*buckets/interval]++
+			total++
+		}
+		// How far the feed's offset in the interval moved from that of
+		// its first poll, which followed its subscriber's arrival.
+		offset := times[i].Sub(times[0]) % interval
+		if min(offset, interval-offset) > shifted {
+			moved++
+		}
 	}
 	least, most := slices.Min(histogram[:]), slices.Max(histogram[:])
 	t.Logf("%d feeds opened in %v, at most %d upstream requests in flight meanwhile", feeds, opened.Round(time.Millisecond), openingMax)
 	t.Logf("%d upstream requests in %d intervals; by offset in the interval, in %d buckets: %v (least %d, most %d, even would be %d)",
-		len(arrivals), measured, buckets, histogram, least, most, len(arrivals)/buckets)
-	assert.Greater(t, len(arrivals), measured*feeds*8/10, "upstream requests in %d intervals", measured)
-	assert.Greater(t, least, len(arrivals)/buckets/3, "requests in the emptiest tenth of the interval: %v", histogram)
+		total, measured, buckets, histogram, least, most, total/buckets)
+	t.Logf("%d of %d feeds poll at an offset more than %v away from their first poll's (half would, spread at random)", moved, feeds, shifted)
+	assert.Greater(t, total, measured*feeds*8/10, "upstream requests in %d intervals", measured)
+	assert.Greater(t, least, total/buckets/3, "requests in the emptiest tenth of the interval: %v", histogram)
+	assert.Greater(t, moved, feeds/4, "feeds whose polls moved away from their first poll's offset")
 
 	// A slow upstream: 1,000 polls a second that take 200ms each would be
 	// 200 in flight without the limit.
