@@ -1,7 +1,9 @@
 package integration
 
 import (
+	"compress/gzip"
 	"fmt"
+	"io"
 	"net/http"
 	"net/url"
 	"slices"
@@ -275,4 +277,79 @@ func waitRequest(t *testing.T, up *jsonUpstream, match func(upstreamRequest) boo
 		return true, ""
 	})
 	return found
+}
+
+func TestPerRequestReload(t *testing.T) {
+	up := newAccounts(t, "alice", "bob")
+	site := func(options ...string) string {
+		return userFeed(up, "/cookie", "Cookie", append(options, "name reloaded")...)
+	}
+	caddy := startCaddy(t, site())
+	open := func() map[*ssetest.Stream]string {
+		return map[*ssetest.Stream]string{
+			openStream(t, "/cookie", "Cookie", "session=alice"): "alice",
+			openStream(t, "/cookie", "Cookie", "session=bob"):   "bob",
+		}
+	}
+	streams := open()
+	expectUserEvents(t, 1, streams)
+
+	// Another route, the handler unchanged: the streams go on, on their
+	// feeds.
+	caddy.reload(site() + "\nrespond /other \"other\"")
+	up.add("alice", "bob")
+	expectUserEvents(t, 2, streams)
+	started := map[string]float64{`caddy_sse_feed_feeds_started_total{feed="reloaded"}`: 2}
+	expectMetrics(t, time.Second, started)
+
+	// The handler changed, its feeds not: the streams end, so that their
+	// clients reconnect to the new config, and find their feeds.
+	caddy.reload(site("heartbeat 5s"))
+	for s := range streams {
+		s.ExpectEnd(t, 3*time.Second)
+	}
+	streams = open()
+	expectUserEvents(t, 1, streams)
+	expectUserEvents(t, 2, streams)
+	expectMetrics(t, time.Second, started)
+
+	// The feeds changed: the streams end.
+	caddy.reload(site("heartbeat 5s", "max_feeds 100"))
+	for s := range streams {
+		s.ExpectEnd(t, 3*time.Second)
+	}
+}
+
+func TestPerRequestBehindEncodeAndOverH2C(t *testing.T) {
+	t.Run("gzip", func(t *testing.T) {
+		up := newAccounts(t, "alice")
+		startCaddy(t, "encode gzip\n"+userFeed(up, "/cookie", "Cookie"))
+		gunzip := func(r io.Reader) (io.Reader, error) { return gzip.NewReader(r) }
+		s := ssetest.OpenWith(t, http.DefaultClient, gunzip, siteURL+"/cookie", "Accept-Encoding", "gzip", "Cookie", "session=alice")
+		require.Equal(t, "gzip", s.Response.Header.Get("Content-Encoding"))
+		streams := map[*ssetest.Stream]string{s: "alice"}
+		expectUserEvents(t, 1, streams)
+		up.add("alice")
+		expectUserEvents(t, 2, streams)
+	})
+	t.Run("h2c", func(t *testing.T) {
+		up := newAccounts(t, "alice", "bob")
+		startCaddy(t, userFeed(up, "/cookie", "Cookie"), withGlobal("servers {\n\tprotocols h1 h2c\n}"))
+		protocols := new(http.Protocols)
+		protocols.SetUnencryptedHTTP2(true)
+		transport := &http.Transport{Protocols: protocols}
+		t.Cleanup(transport.CloseIdleConnections)
+		client := &http.Client{Transport: transport}
+		// Two users, streams multiplexed by one HTTP/2 client.
+		streams := map[*ssetest.Stream]string{
+			ssetest.OpenWith(t, client, nil, siteURL+"/cookie", "Cookie", "session=alice"): "alice",
+			ssetest.OpenWith(t, client, nil, siteURL+"/cookie", "Cookie", "session=bob"):   "bob",
+		}
+		for s := range streams {
+			require.Equal(t, 2, s.Response.ProtoMajor, "protocol %s", s.Response.Proto)
+		}
+		expectUserEvents(t, 1, streams)
+		up.add("alice", "bob")
+		expectUserEvents(t, 2, streams)
+	})
 }
