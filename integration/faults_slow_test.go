@@ -41,17 +41,8 @@ func (l *latencies) sorted() []time.Duration {
 	return d
 }
 
-// p99 returns the 99th percentile, 0 without events.
-func (l *latencies) p99() time.Duration {
-	d := l.sorted()
-	if len(d) == 0 {
-		return 0
-	}
-	return d[len(d)*99/100]
-}
-
-// max returns the longest latency, 0 without events.
-func (l *latencies) max() time.Duration {
+// longest returns the longest latency, 0 without events.
+func (l *latencies) longest() time.Duration {
 	d := l.sorted()
 	if len(d) == 0 {
 		return 0
@@ -309,9 +300,7 @@ func TestStalledReadersHoldBoundedMemory(t *testing.T) {
 			peakHeap>>20, bound>>20, baseHeap>>20, perStalled>>10)
 	}
 	assert.Equal(t, float64(stalled), metric(t, slow)-slowBefore, "stalled clients counted as slow disconnects")
-	// Generous, for the race detector on a busy machine: the point is that
-	// readers are not held up by stalled clients for anything near the
-	// stall bound.
-	assert.Less(t, held.p99(), time.Second, "readers' p99 latency while stalled clients hold their streams")
-	assert.Less(t, burst.max(), 5*time.Second, "readers' latency while stalled clients arrive")
+	// Generous, for the race detector on a busy machine: readers that
+	// waited for stalled clients would wait for the stall bound of 10s.
+	assert.Less(t, max(burst.longest(), held.longest()), 5*time.Second, "readers' latency with stalled clients")
 }
