@@ -54,14 +54,12 @@ func benchHandler(b *testing.B) *Handler {
 	h := &Handler{FeedConfig: FeedConfig{Tail: "http://127.0.0.1:1/", ID: "/id", Linger: caddy.Duration(time.Hour)}}
 	h.applyDefaults(false)
 	h.logger = zap.NewNop()
-	group, _ := newStreamGroup()
-	h.streams = group.(*streamGroup)
 	f, err := h.FeedConfig.newFeed(h.logger, nil, "", nil, nil)
 	if err != nil {
 		b.Fatal(err)
 	}
 	h.feed = f
-	b.Cleanup(func() { _ = h.feed.Destruct(); _ = group.Destruct() })
+	b.Cleanup(func() { _ = h.feed.Destruct() })
 	return h
 }
 

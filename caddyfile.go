@@ -44,6 +44,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		max_body <size>
 //		retry <duration>
 //		heartbeat <duration>|off
+//		flush_interval <duration>
 //		heartbeat_event <name>
 //		replay <count> [<max_age>]
 //		replay_bytes <size>
@@ -139,11 +140,14 @@ func (h *Handler) setOption(d *caddyfile.Dispenser, option string, args []string
 			h.Header = make(map[string][]string)
 		}
 		h.Header[args[0]] = append(h.Header[args[0]], args[1])
-	case "timeout", "read_timeout", "retry", "linger":
+	case "timeout", "read_timeout", "retry", "linger", "flush_interval":
 		if err := wantArgs(1, 1); err != nil {
 			return err
 		}
-		return parseDuration(d, option, args[0], map[string]*caddy.Duration{"timeout": &h.Timeout, "read_timeout": &h.ReadTimeout, "retry": &h.Retry, "linger": &h.Linger}[option])
+		return parseDuration(d, option, args[0], map[string]*caddy.Duration{
+			"timeout": &h.Timeout, "read_timeout": &h.ReadTimeout, "retry": &h.Retry,
+			"linger": &h.Linger, "flush_interval": &h.FlushInterval,
+		}[option])
 	case "heartbeat":
 		if err := wantArgs(1, 1); err != nil {
 			return err

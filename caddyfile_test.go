@@ -42,6 +42,7 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 			max_body 512KiB
 			retry 2s
 			heartbeat 30s
+			flush_interval 100ms
 			heartbeat_event ping
 			replay 50 10m
 			replay_bytes 1MiB
@@ -60,7 +61,8 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 				Name: "orders", Linger: caddy.Duration(time.Minute),
 			},
 			Retry: caddy.Duration(2 * time.Second), Heartbeat: caddy.Duration(30 * time.Second), HeartbeatEvent: "ping",
-			Initial: &two, ResetEvent: "gone", MaxSubscribers: 100,
+			FlushInterval: caddy.Duration(100 * time.Millisecond),
+			Initial:       &two, ResetEvent: "gone", MaxSubscribers: 100,
 		}},
 		{"heartbeat off", `sse_feed {
 			tail http://127.0.0.1:9/s

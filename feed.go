@@ -78,6 +78,10 @@ type feedParts struct {
 type feed struct {
 	feedParts
 
+	// ctx ends when the feed ends or Caddy exits; so do its streams.
+	ctx    context.Context
+	cancel context.CancelFunc
+
 	// idPrefix starts every generated id. It is the feed's creation time,
 	// so that ids from an earlier process are never mistaken for ours.
 	idPrefix string
@@ -114,7 +118,10 @@ type feed struct {
 }
 
 func newFeed(parts feedParts) *feed {
+	ctx, cancel := context.WithCancel(exiting)
 	f := &feed{
+		ctx:       ctx,
+		cancel:    cancel,
 		feedParts: parts,
 		idPrefix:  strconv.FormatInt(time.Now().UnixNano(), 36) + "-",
 		ready:     make(chan struct{}),
@@ -341,6 +348,7 @@ func (f *feed) end(reason string) {
 		return
 	}
 	f.closed = true
+	f.cancel()
 	f.lingerGen++
 	f.stopReadyFallback()
 	if f.stopReader != nil {

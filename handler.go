@@ -46,13 +46,8 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		w.Header().Set("Allow", "GET, HEAD")
 		return caddyhttp.Error(http.StatusMethodNotAllowed, errors.New("event streams answer GET and HEAD only"))
 	}
-	header := w.Header()
-	header.Set("Content-Type", "text/event-stream")
-	header.Set("Cache-Control", "no-cache")
-	header.Set("X-Accel-Buffering", "no")
-	header.Del("Content-Length")
 	if r.Method == http.MethodHead {
-		w.WriteHeader(http.StatusOK)
+		writeStreamHeader(w)
 		return nil
 	}
 	rc := http.NewResponseController(w)
@@ -63,10 +58,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		defer func() { _ = rc.SetReadDeadline(time.Now()) }()
 	}
 
-	group := h.streams
 	f, a, err := h.subscribe(r)
 	if errors.Is(err, errOverCapacity) {
-		w.WriteHeader(http.StatusOK)
+		writeStreamHeader(w)
 		base := max(time.Duration(h.Retry), overCapacityRetry)
 		_, _ = w.Write(appendRetry(nil, base+rand.N(base)))
 		return nil
@@ -79,11 +73,10 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		// The upstream's first answer tells whether this subscriber may
 		// have the feed.
 		if status := f.verdict(r.Context(), time.Duration(h.Timeout)); status != 0 {
-			header.Del("Content-Type")
 			return caddyhttp.Error(status, fmt.Errorf("the upstream answered %d", status))
 		}
 	}
-	w.WriteHeader(http.StatusOK)
+	writeStreamHeader(w)
 	s := &stream{
 		h:      h,
 		f:      f,
@@ -91,7 +84,6 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		rc:     rc,
 		remote: r.RemoteAddr,
 		ctx:    r.Context(),
-		end:    group.ctx,
 		// An HTTP/2 write deadline resets the stream when it passes, even
 		// with no write in flight.
 		clearDeadline: r.ProtoMajor == 2,
@@ -99,13 +91,25 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	if h.Retry > 0 {
 		s.buf = appendRetry(s.buf, time.Duration(h.Retry))
 	}
-	// When the handler's streams end, a write blocked on a client that
+	// When the feed ends or Caddy exits, a write blocked on a client that
 	// stopped reading ends at once too. Caddy's writers are not safe for
 	// use from another goroutine; the one they wrap is.
 	inner := http.NewResponseController(innermost(w))
-	defer context.AfterFunc(group.ctx, func() { _ = inner.SetWriteDeadline(time.Now()) })()
+	defer context.AfterFunc(f.ctx, func() { _ = inner.SetWriteDeadline(time.Now()) })()
 	s.run(a, lastEventID(r))
 	return nil
+}
+
+// writeStreamHeader writes the header of an event stream with status 200.
+// EventSource takes nothing else for a stream: a 200 of another type, like
+// any other status, makes it give up for good.
+func writeStreamHeader(w http.ResponseWriter) {
+	header := w.Header()
+	header.Set("Content-Type", "text/event-stream")
+	header.Set("Cache-Control", "no-cache")
+	header.Set("X-Accel-Buffering", "no")
+	header.Del("Content-Length")
+	w.WriteHeader(http.StatusOK)
 }
 
 // innermost returns the ResponseWriter at the bottom of the wrappers.
@@ -141,15 +145,13 @@ type stream struct {
 	rc     *http.ResponseController
 	remote string
 	// ctx is the request's: it ends when the client leaves.
-	ctx context.Context
-	// end ends when the handler's streams must end: its config is gone, or
-	// Caddy exits.
-	end           context.Context
+	ctx           context.Context
 	clearDeadline bool
 
 	buf       []byte   // bytes of this stream only: retry, reset, heartbeat
 	frames    [][]byte // scratch for the frames of one write
 	heartbeat *time.Timer
+	sent      time.Time // of the last write, kept when flush_interval is set
 }
 
 // run flushes the headers, takes the subscriber's position in the feed
@@ -213,20 +215,45 @@ func (s *stream) run(a admission, lastID string) {
 		select {
 		case <-wake:
 			busy = wrote
-			continue
 		default:
 			busy = false
+			// The log closes, and so closes wake, when the feed ends.
+			if !s.await(wake) {
+				return
+			}
 		}
-		// The log closes, and so closes wake, when the feed ends.
-		if !s.await(wake) {
+		if !s.coalesce() {
 			return
 		}
 	}
 }
 
+// coalesce waits, when flush_interval is set, until that long after the
+// last write, so that everything that arrives meanwhile goes out in one
+// write and one flush. It reports false when the stream must end instead.
+func (s *stream) coalesce() bool {
+	if s.h.FlushInterval <= 0 {
+		return true
+	}
+	wait := time.Until(s.sent.Add(time.Duration(s.h.FlushInterval)))
+	if wait <= 0 {
+		return true
+	}
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-s.ctx.Done():
+		return false
+	case <-s.f.ctx.Done():
+		return false
+	}
+}
+
 // await waits until ch is closed, sending heartbeats meanwhile. It reports
 // false when the stream must end instead: the client left, a heartbeat
-// could not be written, or the handler's streams end. Every case costs
+// could not be written, or the feed ends or Caddy exits. Every case costs
 // each waiting subscriber a lock at every wake-up, so only the cases that
 // can matter are given.
 func (s *stream) await(ch <-chan struct{}) bool {
@@ -245,7 +272,7 @@ func (s *stream) await(ch <-chan struct{}) bool {
 			}
 		case <-s.ctx.Done():
 			return false
-		case <-s.end.Done():
+		case <-s.f.ctx.Done():
 			return false
 		}
 	}
@@ -274,8 +301,8 @@ func (s *stream) send() bool {
 	if err != nil {
 		// The request's context cannot tell a stall from a client that
 		// left: net/http cancels it when a write to the connection fails.
-		// Only the stall bound or the end of the streams sets a deadline.
-		if errors.Is(err, os.ErrDeadlineExceeded) && s.end.Err() == nil {
+		// Only the stall bound or the end of the feed sets a deadline.
+		if errors.Is(err, os.ErrDeadlineExceeded) && s.f.ctx.Err() == nil {
 			s.f.metrics.slowDisconnect.Inc()
 			s.f.logger.Info("disconnected a subscriber that stopped reading",
 				zap.String("remote", s.remote), zap.Duration("stalled", stallTimeout))
@@ -284,6 +311,9 @@ func (s *stream) send() bool {
 	}
 	if s.clearDeadline {
 		_ = s.rc.SetWriteDeadline(time.Time{})
+	}
+	if s.h.FlushInterval > 0 {
+		s.sent = time.Now()
 	}
 	if s.heartbeat != nil {
 		s.heartbeat.Reset(time.Duration(s.h.Heartbeat))

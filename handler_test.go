@@ -15,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 	"unicode/utf8"
@@ -397,27 +398,6 @@ func TestServeHTTPEvictedBeforeReadingGetsAResetNotADisconnect(t *testing.T) {
 	require.Zero(t, testutil.ToFloat64(h.feed.metrics.slowDisconnect))
 }
 
-func TestServeHTTPReloadEndsTheStreamsOfChangedHandlersOnly(t *testing.T) {
-	tail := ssetest.ClosedURL(t)
-	config := func(retry time.Duration) *Handler {
-		return &Handler{FeedConfig: FeedConfig{Tail: tail}, Heartbeat: -1, Retry: caddy.Duration(retry)}
-	}
-	kept, changed := config(time.Second), config(2*time.Second)
-	unloadKept, unloadChanged := provision(t, kept), provision(t, changed)
-	require.Same(t, kept.feed, changed.feed, "two handlers of one feed config share the feed")
-	keptStream, changedStream := ssetest.Open(t, serve(t, kept).URL), ssetest.Open(t, serve(t, changed).URL)
-
-	// A reload keeps one handler and changes the other; then the old
-	// config is cleaned up. The feed stays: the new config still has it.
-	provision(t, config(time.Second))
-	provision(t, config(3*time.Second))
-	unloadKept()
-	unloadChanged()
-	changedStream.ExpectEnd(t, 5*time.Second)
-	publishIDs(kept, "1")
-	expectPublishedIDs(t, keptStream, "1")
-}
-
 func TestServeHTTPDoesNotWaitForARequestBody(t *testing.T) {
 	// With the body unread the server cannot see the client leave; a
 	// heartbeat's failed write tells the stream.
@@ -433,4 +413,63 @@ func TestServeHTTPDoesNotWaitForARequestBody(t *testing.T) {
 	require.NoError(t, err, "no response headers while the request body is unfinished")
 	require.Equal(t, http.StatusOK, resp.StatusCode)
 	require.Equal(t, "text/event-stream", resp.Header.Get("Content-Type"))
+}
+
+// flushCounter counts the flushes of the response it wraps.
+type flushCounter struct {
+	http.ResponseWriter
+	flushes *atomic.Int64
+}
+
+func (w flushCounter) Flush() {
+	w.flushes.Add(1)
+	http.NewResponseController(w.ResponseWriter).Flush()
+}
+
+func (w flushCounter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+// countingServer serves h with a response that counts its flushes.
+func countingServer(t *testing.T, h *Handler) (*httptest.Server, *atomic.Int64) {
+	var flushes atomic.Int64
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_ = h.ServeHTTP(flushCounter{w, &flushes}, r, nil)
+	}))
+	t.Cleanup(srv.Close)
+	return srv, &flushes
+}
+
+// twentyIDs returns the ids "0" to "19".
+func twentyIDs() []string {
+	ids := make([]string, 20)
+	for i := range ids {
+		ids[i] = strconv.Itoa(i)
+	}
+	return ids
+}
+
+func TestServeHTTPFlushesEveryEventByDefault(t *testing.T) {
+	h := &Handler{Heartbeat: -1}
+	provision(t, h)
+	srv, flushes := countingServer(t, h)
+	s := ssetest.Open(t, srv.URL)
+	for _, id := range twentyIDs() {
+		publishIDs(h, id)
+		expectPublishedIDs(t, s, id)
+	}
+	require.Equal(t, int64(1+20), flushes.Load(), "the headers, then each event")
+}
+
+func TestServeHTTPFlushIntervalCoalesces(t *testing.T) {
+	h := &Handler{Heartbeat: -1, FlushInterval: caddy.Duration(300 * time.Millisecond)}
+	provision(t, h)
+	srv, flushes := countingServer(t, h)
+	s := ssetest.Open(t, srv.URL)
+	ids := twentyIDs()
+	for _, id := range ids {
+		publishIDs(h, id)
+	}
+	expectPublishedIDs(t, s, ids...)
+	// The headers, the first event at once, then the other nineteen,
+	// which arrived within the interval, together.
+	require.LessOrEqual(t, flushes.Load(), int64(3))
 }

@@ -6,7 +6,6 @@ package ssefeed
 
 import (
 	"encoding/json"
-	"errors"
 	"fmt"
 	"net/http"
 	"time"
@@ -67,6 +66,12 @@ type Handler struct {
 	// ResetEvent names the event sent to a subscriber whose Last-Event-ID is
 	// unknown; its data is {"last_event_id": "<id>"}. Default: reset.
 	ResetEvent string `json:"reset_event,omitempty"`
+	// FlushInterval, when set, lets each subscriber take everything that
+	// arrived within the interval in one write and one flush: for fast
+	// feeds, fewer writes at the cost of up to this much latency.
+	// Heartbeats, resumption and the slow-subscriber rules are unchanged.
+	// Default: 0, every event is flushed the moment it exists.
+	FlushInterval caddy.Duration `json:"flush_interval,omitempty"`
 	// MaxSubscribers limits the feed's concurrent subscribers; others get a
 	// 200 with a jittered `retry:` and an ended stream. Default: 0, no limit.
 	MaxSubscribers int `json:"max_subscribers,omitempty"`
@@ -76,11 +81,7 @@ type Handler struct {
 	feed    *feed
 	set     *feedSet
 	feedKey string
-	// streams ends the handler's streams when no config has this handler
-	// any more, or when Caddy exits.
-	streams    *streamGroup
-	streamsKey string
-	logger     *zap.Logger
+	logger  *zap.Logger
 }
 
 // CaddyModule returns the Caddy module information.
@@ -116,14 +117,6 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return err
 	}
 
-	if h.streamsKey, err = jsonKey(h); err != nil {
-		return err
-	}
-	group, _, err := streamGroups.LoadOrNew(h.streamsKey, newStreamGroup)
-	if err != nil {
-		return err
-	}
-	h.streams = group.(*streamGroup)
 	// The key is taken before the cluster module is loaded, which empties
 	// its raw config.
 	if h.feedKey, err = jsonKey(&h.FeedConfig); err != nil {
@@ -179,8 +172,8 @@ func (h *Handler) Validate() error {
 		return err
 	}
 	switch {
-	case h.Retry < 0:
-		return fmt.Errorf("retry must not be negative")
+	case h.Retry < 0, h.FlushInterval < 0:
+		return fmt.Errorf("retry and flush_interval must not be negative")
 	case h.MaxSubscribers < 0:
 		return fmt.Errorf("max_subscribers must not be negative")
 	case h.Initial != nil && *h.Initial < 0:
@@ -209,19 +202,14 @@ func (h *Handler) subscribe(r *http.Request) (*feed, admission, error) {
 	return h.feed, a, nil
 }
 
-// Cleanup releases the handler's hold on its feed and on its streams; the
-// feed stops, and the streams end, when no config uses them any more.
+// Cleanup releases the handler's hold on its feed; the feed stops, and its
+// streams end, when no config uses it any more.
 func (h *Handler) Cleanup() error {
-	var errs []error
-	if h.streams != nil {
-		_, err := streamGroups.Delete(h.streamsKey)
-		errs = append(errs, err)
+	if h.feed == nil && h.set == nil {
+		return nil
 	}
-	if h.feed != nil || h.set != nil {
-		_, err := feeds.Delete(h.feedKey)
-		errs = append(errs, err)
-	}
-	return errors.Join(errs...)
+	_, err := feeds.Delete(h.feedKey)
+	return err
 }
 
 // jsonKey returns the canonical JSON form of v, to key a usage pool.

@@ -179,6 +179,7 @@ func TestPerRequestValuesAreEscapedOrRefused(t *testing.T) {
 		require.NoError(t, err)
 		resp.Body.Close()
 		require.Equal(t, http.StatusBadRequest, resp.StatusCode, "order %q", bad)
+		require.NotEqual(t, "text/event-stream", resp.Header.Get("Content-Type"), "a 400 posing as a stream")
 	}
 	require.Empty(t, up.paths(), "a refused value reached the upstream")
 

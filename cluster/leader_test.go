@@ -8,6 +8,7 @@ import (
 	"testing/synctest"
 	"time"
 
+	"github.com/ssefeed/caddy-ssefeed/internal/clustertest"
 	"github.com/stretchr/testify/require"
 )
 
@@ -56,7 +57,7 @@ func lead(store Store, obs Observer, run func(context.Context, Meta)) (stop func
 
 func TestLeaderRenewsWhileHeldAndReleasesAtTheEnd(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		s, obs, r := newMemStore(), &observer{}, &runs{}
+		s, obs, r := newMemStore(), &clustertest.Observer{}, &runs{}
 		stop := lead(s, obs, r.run)
 		time.Sleep(30 * time.Second)
 		synctest.Wait()
@@ -71,7 +72,7 @@ func TestLeaderRenewsWhileHeldAndReleasesAtTheEnd(t *testing.T) {
 		require.False(t, running)
 		require.Equal(t, 1, s.count("release"))
 		require.Empty(t, s.holder, "released")
-		require.Equal(t, []bool{true, false}, obs.leaseChanges())
+		require.Equal(t, []bool{true, false}, obs.Leases())
 	})
 }
 
@@ -101,7 +102,7 @@ func TestLeaderWaitsForAHeldLease(t *testing.T) {
 
 func TestLeaderStopsRunWhenTheLeaseIsLost(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		s, obs, r := newMemStore(), &observer{}, &runs{}
+		s, obs, r := newMemStore(), &clustertest.Observer{}, &runs{}
 		stop := lead(s, obs, r.run)
 		defer stop()
 		time.Sleep(time.Millisecond)
@@ -115,14 +116,14 @@ func TestLeaderStopsRunWhenTheLeaseIsLost(t *testing.T) {
 		_, running, ended := r.state()
 		require.False(t, running)
 		require.WithinDuration(t, lost, ended[0], 1200*time.Millisecond, "stopped at the next renewal")
-		require.Equal(t, []bool{true, false}, obs.leaseChanges())
-		require.Zero(t, obs.errorCount("renew"))
+		require.Equal(t, []bool{true, false}, obs.Leases())
+		require.Zero(t, obs.Errors("renew"))
 	})
 }
 
 func TestLeaderStopsRunWhenRenewalsFailUntilExpiry(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		s, obs, r := newMemStore(), &observer{}, &runs{}
+		s, obs, r := newMemStore(), &clustertest.Observer{}, &runs{}
 		stop := lead(s, obs, r.run)
 		defer stop()
 		time.Sleep(time.Millisecond)
@@ -133,7 +134,7 @@ func TestLeaderStopsRunWhenRenewalsFailUntilExpiry(t *testing.T) {
 		synctest.Wait()
 		_, running, _ := r.state()
 		require.True(t, running, "a failed renewal is retried while the lease lasts")
-		require.GreaterOrEqual(t, obs.errorCount("renew"), 2)
+		require.GreaterOrEqual(t, obs.Errors("renew"), 2)
 
 		time.Sleep(200 * time.Millisecond)
 		synctest.Wait()

@@ -5,42 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"slices"
-	"sync"
 	"testing"
 	"testing/synctest"
 	"time"
 
+	"github.com/ssefeed/caddy-ssefeed/internal/clustertest"
 	"github.com/stretchr/testify/require"
-
-	"github.com/ssefeed/caddy-ssefeed/replay"
 )
-
-// recorder is a Sink that records the ids of the frames appended, and the
-// resets, in order.
-type recorder struct {
-	mu     sync.Mutex
-	events []string
-}
-
-func (r *recorder) Append(frames ...replay.Frame) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	for _, f := range frames {
-		r.events = append(r.events, f.ID)
-	}
-}
-
-func (r *recorder) reset(epoch string) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	r.events = append(r.events, "reset "+epoch)
-}
-
-func (r *recorder) got() []string {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return slices.Clone(r.events)
-}
 
 // numbered returns entries first to last with ids <prefix><seq>.
 func numbered(prefix string, first, last uint64) []Entry {
@@ -62,9 +33,9 @@ func ids(prefix string, first, last uint64) []string {
 
 // mirror starts a Mirror of s into a recorder and returns them, with the
 // function that stops the mirror and waits for it.
-func mirror(s Store, obs Observer) (*Mirror, *recorder, func()) {
-	rec := &recorder{}
-	m := &Mirror{Store: s, Log: rec, Reset: rec.reset, Batch: 4, Observer: obs}
+func mirror(s Store, obs Observer) (*Mirror, *clustertest.Recorder, func()) {
+	rec := &clustertest.Recorder{}
+	m := &Mirror{Store: s, Log: rec, Reset: rec.Reset, Batch: 4, Observer: obs}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() {
@@ -94,19 +65,19 @@ func TestMirrorReadsOnHintsAndEveryInterval(t *testing.T) {
 		mr, rec, stop := mirror(s, nil)
 		defer stop()
 		<-mr.Ready()
-		require.Equal(t, ids("a", 1, 10), rec.got(), "what the log has at the start, in batches, when ready")
+		require.Equal(t, ids("a", 1, 10), rec.Got(), "what the log has at the start, in batches, when ready")
 
 		require.NoError(t, s.Append(t.Context(), m.Epoch, m.Term, numbered("a", 11, 11), nil))
 		synctest.Wait()
-		require.Equal(t, ids("a", 1, 11), rec.got(), "at once on a hint")
+		require.Equal(t, ids("a", 1, 11), rec.Got(), "at once on a hint")
 
 		s.set(func(s *memStore) { s.muted = true })
 		require.NoError(t, s.Append(t.Context(), m.Epoch, m.Term, numbered("a", 12, 12), nil))
 		synctest.Wait()
-		require.Equal(t, ids("a", 1, 11), rec.got())
+		require.Equal(t, ids("a", 1, 11), rec.Got())
 		time.Sleep(time.Second)
 		synctest.Wait()
-		require.Equal(t, ids("a", 1, 12), rec.got(), "a lost hint costs at most the interval")
+		require.Equal(t, ids("a", 1, 12), rec.Got(), "a lost hint costs at most the interval")
 	})
 }
 
@@ -123,12 +94,12 @@ func TestMirrorResetsOnANewEpoch(t *testing.T) {
 		s.set(func(s *memStore) { s.epoch, s.holder, s.entries = "", "", nil })
 		time.Sleep(2 * time.Second)
 		synctest.Wait()
-		require.Equal(t, ids("a", 1, 3), rec.got(), "nothing to do before a new epoch")
+		require.Equal(t, ids("a", 1, 3), rec.Got(), "nothing to do before a new epoch")
 
 		m = start(t, s, "b")
 		require.NoError(t, s.Append(t.Context(), m.Epoch, m.Term, numbered("b", 1, 5), nil))
 		synctest.Wait()
-		require.Equal(t, slices.Concat(ids("a", 1, 3), []string{"reset b"}, ids("b", 1, 5)), rec.got())
+		require.Equal(t, slices.Concat(ids("a", 1, 3), []string{"reset b"}, ids("b", 1, 5)), rec.Got())
 	})
 }
 
@@ -146,7 +117,7 @@ func TestMirrorResetsWhenItMissedTrimmedEntries(t *testing.T) {
 		s.set(func(s *memStore) { s.entries = s.entries[7:] }) // trimmed to 8 and 9 before the mirror read
 		time.Sleep(time.Second)
 		synctest.Wait()
-		require.Equal(t, slices.Concat(ids("a", 1, 3), []string{"reset a"}, ids("a", 8, 9)), rec.got())
+		require.Equal(t, slices.Concat(ids("a", 1, 3), []string{"reset a"}, ids("a", 8, 9)), rec.Got())
 	})
 }
 
@@ -159,13 +130,13 @@ func TestMirrorStartsOnATrimmedLogWithoutReset(t *testing.T) {
 		_, rec, stop := mirror(s, nil)
 		defer stop()
 		synctest.Wait()
-		require.Equal(t, ids("a", 6, 9), rec.got())
+		require.Equal(t, ids("a", 6, 9), rec.Got())
 	})
 }
 
 func TestMirrorRetriesWithBackoff(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		s, obs := newMemStore(), &observer{}
+		s, obs := newMemStore(), &clustertest.Observer{}
 		m := start(t, s, "a")
 		s.set(func(s *memStore) { s.fail = errors.New("redis down") })
 		mr, rec, stop := mirror(s, obs)
@@ -175,7 +146,7 @@ func TestMirrorRetriesWithBackoff(t *testing.T) {
 		require.False(t, isClosed(mr.Ready()), "not ready before it could read")
 		// 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5: give or take a fifth, 7 or 8
 		// failures in 10s, the first at once.
-		failures := obs.errorCount("read")
+		failures := obs.Errors("read")
 		require.GreaterOrEqual(t, failures, 7)
 		require.LessOrEqual(t, failures, 9)
 		require.Equal(t, failures, s.count("read"))
@@ -184,9 +155,9 @@ func TestMirrorRetriesWithBackoff(t *testing.T) {
 		require.NoError(t, s.Append(t.Context(), m.Epoch, m.Term, numbered("a", 1, 2), nil))
 		time.Sleep(5 * time.Second)
 		synctest.Wait()
-		require.Equal(t, ids("a", 1, 2), rec.got(), "resumed after the backoff")
+		require.Equal(t, ids("a", 1, 2), rec.Got(), "resumed after the backoff")
 		require.True(t, isClosed(mr.Ready()))
-		require.Equal(t, failures, obs.errorCount("read"))
+		require.Equal(t, failures, obs.Errors("read"))
 	})
 }
 

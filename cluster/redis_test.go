@@ -42,37 +42,11 @@ type noHints struct{ cluster.Store }
 
 func (noHints) Hints() <-chan struct{} { return nil }
 
-// recorder is a Sink that records frame ids and resets in order.
-type recorder struct {
-	mu     sync.Mutex
-	events []string
-}
-
-func (r *recorder) Append(frames ...replay.Frame) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	for _, f := range frames {
-		r.events = append(r.events, f.ID)
-	}
-}
-
-func (r *recorder) reset(epoch string) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	r.events = append(r.events, "reset "+epoch)
-}
-
-func (r *recorder) got() []string {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return slices.Clone(r.events)
-}
-
 // runMirror runs a Mirror of s into a recorder until t ends.
-func runMirror(t testing.TB, s cluster.Store, obs cluster.Observer) (*cluster.Mirror, *recorder) {
+func runMirror(t testing.TB, s cluster.Store, obs cluster.Observer) (*cluster.Mirror, *clustertest.Recorder) {
 	t.Helper()
-	rec := &recorder{}
-	m := &cluster.Mirror{Store: s, Log: rec, Reset: rec.reset, Interval: 20 * time.Millisecond, Observer: obs}
+	rec := &clustertest.Recorder{}
+	m := &cluster.Mirror{Store: s, Log: rec, Reset: rec.Reset, Interval: 20 * time.Millisecond, Observer: obs}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() {
@@ -148,34 +122,6 @@ func (w *writer) caughtUp(m *cluster.Mirror) {
 	require.NoError(w.t, m.Wait(ctx, w.meta.Epoch, w.meta.LastSeq))
 }
 
-// observer counts store errors and lease changes.
-type observer struct {
-	mu     sync.Mutex
-	errors map[string]int
-	leases []bool
-}
-
-func (o *observer) StoreError(op string) {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	if o.errors == nil {
-		o.errors = make(map[string]int)
-	}
-	o.errors[op]++
-}
-
-func (o *observer) LeaseChange(held bool) {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	o.leases = append(o.leases, held)
-}
-
-func (o *observer) errorCount(op string) int {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	return o.errors[op]
-}
-
 func TestMirrorWithoutHints(t *testing.T) {
 	clustertest.CheckGoroutines(t)
 	r := clustertest.StartRedis(t)
@@ -186,7 +132,7 @@ func TestMirrorWithoutHints(t *testing.T) {
 	m, rec := runMirror(t, noHints{open(t, c)}, nil)
 	require.NoError(t, w.write(250))
 	w.caughtUp(m)
-	require.Equal(t, w.ids, rec.got(), "every entry once, in order")
+	require.Equal(t, w.ids, rec.Got(), "every entry once, in order")
 }
 
 func TestMirrorAcrossARedisStall(t *testing.T) {
@@ -196,7 +142,7 @@ func TestMirrorAcrossARedisStall(t *testing.T) {
 	c := backend(t, r.URL()+"?read_timeout=200ms&write_timeout=200ms&max_retries=-1")
 	w := &writer{t: t, store: open(t, c)}
 	w.take()
-	obs := &observer{}
+	obs := &clustertest.Observer{}
 	m, rec := runMirror(t, open(t, c), obs)
 	require.NoError(t, w.write(100))
 
@@ -209,8 +155,8 @@ func TestMirrorAcrossARedisStall(t *testing.T) {
 	require.NoError(t, w.write(100))
 	w.caughtUp(m)
 
-	require.Equal(t, w.ids, rec.got(), "every entry once, in order, across the stall and the retried appends")
-	require.Positive(t, obs.errorCount("read"), "errors were counted")
+	require.Equal(t, w.ids, rec.Got(), "every entry once, in order, across the stall and the retried appends")
+	require.Positive(t, obs.Errors("read"), "errors were counted")
 }
 
 func TestMirrorAcrossARedisRestart(t *testing.T) {
@@ -231,7 +177,7 @@ func TestMirrorAcrossARedisRestart(t *testing.T) {
 	require.NoError(t, w.write(50))
 	w.caughtUp(m)
 
-	require.Equal(t, slices.Concat(before, []string{"reset " + w.meta.Epoch}, w.ids), rec.got(),
+	require.Equal(t, slices.Concat(before, []string{"reset " + w.meta.Epoch}, w.ids), rec.Got(),
 		"the old epoch, a reset, the new epoch")
 }
 
@@ -306,7 +252,7 @@ func TestLeaderFailoverFencesAStalledHolder(t *testing.T) {
 		}
 	}
 	leaders := map[string]*freezable{"a": {Store: open(t, c)}, "b": {Store: open(t, c)}}
-	obs := map[string]*observer{"a": {}, "b": {}}
+	obs := map[string]*clustertest.Observer{"a": {}, "b": {}}
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	defer func() {
@@ -355,8 +301,8 @@ func TestLeaderFailoverFencesAStalledHolder(t *testing.T) {
 		}
 		require.Equal(t, want, e.ID, "a's entries, then b's, without gaps or repeats")
 	}
-	require.Equal(t, []bool{true, false}, obs["a"].leases)
-	require.Equal(t, []bool{true, false}, obs["b"].leases)
+	require.Equal(t, []bool{true, false}, obs["a"].Leases())
+	require.Equal(t, []bool{true, false}, obs["b"].Leases())
 }
 
 func TestLeaderStartsANewEpochAfterRedisLostItsData(t *testing.T) {

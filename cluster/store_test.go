@@ -154,37 +154,3 @@ func (s *memStore) Read(ctx context.Context, after uint64, count int) (Meta, []E
 func (s *memStore) Hints() <-chan struct{} { return s.hints }
 
 func (s *memStore) Close() error { return nil }
-
-// observer records what it is told.
-type observer struct {
-	mu     sync.Mutex
-	errors map[string]int
-	leases []bool
-}
-
-func (o *observer) StoreError(op string) {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	if o.errors == nil {
-		o.errors = make(map[string]int)
-	}
-	o.errors[op]++
-}
-
-func (o *observer) LeaseChange(held bool) {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	o.leases = append(o.leases, held)
-}
-
-func (o *observer) errorCount(op string) int {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	return o.errors[op]
-}
-
-func (o *observer) leaseChanges() []bool {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	return slices.Clone(o.leases)
-}

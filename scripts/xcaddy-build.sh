@@ -1,6 +1,7 @@
 #!/bin/sh
 # xcaddy-build.sh builds Caddy with this module through xcaddy, the way users
-# build it, and checks that the result lists http.handlers.sse_feed.
+# build it, and checks that the result lists http.handlers.sse_feed and its
+# redis cluster backend.
 #
 # Usage: scripts/xcaddy-build.sh [output-dir]   (default: a temporary dir)
 # Environment: CADDY_VERSION (default v2.11.9), XCADDY_VERSION (default v0.4.5).
@@ -45,9 +46,11 @@ echo "building caddy $caddy_version with github.com/ssefeed/caddy-ssefeed=$repo"
 			--output "$out/caddy"
 )
 
-if ! "$out/caddy" list-modules | grep -qx 'http.handlers.sse_feed'; then
-	echo "error: $out/caddy does not list http.handlers.sse_feed" >&2
-	exit 1
-fi
-"$out/caddy" version
-echo "ok: $out/caddy has http.handlers.sse_feed"
+modules=$("$out/caddy" list-modules)
+for module in http.handlers.sse_feed http.handlers.sse_feed.clusters.redis; do
+	if ! grep -qx "$module" <<<"$modules"; then
+		echo "error: $out/caddy does not list $module" >&2
+		exit 1
+	fi
+done
+echo "ok: $out/caddy has http.handlers.sse_feed and http.handlers.sse_feed.clusters.redis"

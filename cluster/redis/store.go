@@ -75,11 +75,7 @@ func (s *store) Acquire(ctx context.Context, holder string, term uint64, ttl tim
 		return cluster.Meta{}, false, err
 	}
 	var p parser
-	m := cluster.Meta{
-		Epoch:   p.text(reply, 0),
-		Term:    p.number(reply, 1),
-		LastSeq: p.number(reply, 2),
-	}
+	m := p.meta(reply)
 	if state := p.text(reply, 3); state != "" {
 		m.State = []byte(state)
 	}
@@ -125,11 +121,7 @@ func (s *store) Read(ctx context.Context, after uint64, count int) (cluster.Meta
 		return cluster.Meta{}, nil, err
 	}
 	var p parser
-	m := cluster.Meta{
-		Epoch:   p.text(reply, 0),
-		Term:    p.number(reply, 1),
-		LastSeq: p.number(reply, 2),
-	}
+	m := p.meta(reply)
 	raw := p.list(reply, 3)
 	entries := make([]cluster.Entry, len(raw))
 	for i := range raw {
@@ -189,6 +181,12 @@ func (p *parser) at(reply []any, i int) any {
 		return nil
 	}
 	return reply[i]
+}
+
+// meta returns the epoch, term and last sequence number that a script's
+// reply starts with.
+func (p *parser) meta(reply []any) cluster.Meta {
+	return cluster.Meta{Epoch: p.text(reply, 0), Term: p.number(reply, 1), LastSeq: p.number(reply, 2)}
 }
 
 // text returns the string at i; a nil value is "".
