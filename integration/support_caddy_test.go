@@ -189,15 +189,6 @@ func startProcess(t *testing.T, bin string, args ...string) *process {
 	return p
 }
 
-// runCaddy writes config to a Caddyfile, runs the real binary on it and
-// waits until rawURL answers.
-func runCaddy(t *testing.T, config, rawURL string) *process {
-	t.Helper()
-	file := filepath.Join(t.TempDir(), "Caddyfile")
-	require.NoError(t, os.WriteFile(file, []byte(config), 0o600))
-	return runCaddyfile(t, file, rawURL)
-}
-
 // runCaddyfile runs the real binary on the Caddyfile file and waits until
 // rawURL answers.
 func runCaddyfile(t *testing.T, file, rawURL string) *process {
