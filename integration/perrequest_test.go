@@ -112,7 +112,8 @@ func expectUserEvents(t *testing.T, n int, streams map[*ssetest.Stream]string) {
 }
 
 // getStatus GETs path on the test site with the header pairs and returns
-// the status, closing the body.
+// the status, closing the body. An answer other than 200 must not pose as
+// an event stream.
 func getStatus(t *testing.T, path string, header ...string) int {
 	t.Helper()
 	req, err := http.NewRequest(http.MethodGet, siteURL+path, nil)
@@ -123,6 +124,9 @@ func getStatus(t *testing.T, path string, header ...string) int {
 	resp, err := http.DefaultClient.Do(req)
 	require.NoError(t, err)
 	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		assert.NotEqual(t, "text/event-stream", resp.Header.Get("Content-Type"), "the content type of a %d", resp.StatusCode)
+	}
 	return resp.StatusCode
 }
 
