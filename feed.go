@@ -101,6 +101,10 @@ type feed struct {
 	// readyAt is the log's end when ready was closed: subscribers that
 	// waited take their place relative to it, not to when they woke.
 	readyAt uint64
+	// readyFallback closes ready after readyWait if the first poll has not;
+	// it is stopped once ready is closed, so that it does not keep a
+	// forgotten feed in memory until it fires.
+	readyFallback *time.Timer
 	// answered is closed at the upstream's first answer.
 	answered chan struct{}
 	// refusal is the status with which the upstream refused the feed, or 0.
@@ -184,7 +188,8 @@ func (f *feed) startReader() {
 		}
 		if f.kind == documentFeed && f.readyWait > 0 {
 			ready := f.ready
-			time.AfterFunc(f.readyWait, func() { f.markReadyIf(ready) })
+			f.stopReadyFallback()
+			f.readyFallback = time.AfterFunc(f.readyWait, func() { f.markReadyIf(ready) })
 		}
 	}
 	ctx, cancel := context.WithCancel(context.Background())
@@ -291,11 +296,21 @@ func (f *feed) markReadyIf(ready chan struct{}) {
 
 // closeReady closes ready if it is open. f.mu must be held.
 func (f *feed) closeReady() {
+	f.stopReadyFallback()
 	select {
 	case <-f.ready:
 	default:
 		f.readyAt = f.log.Next()
 		close(f.ready)
+	}
+}
+
+// stopReadyFallback stops the timer that would close ready. f.mu must be
+// held.
+func (f *feed) stopReadyFallback() {
+	if f.readyFallback != nil {
+		f.readyFallback.Stop()
+		f.readyFallback = nil
 	}
 }
 
@@ -351,6 +366,7 @@ func (f *feed) end(reason string) {
 	f.closed = true
 	f.cancel()
 	f.lingerGen++
+	f.stopReadyFallback()
 	if f.stopReader != nil {
 		f.stopReader()
 		f.stopReader = nil

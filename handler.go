@@ -299,7 +299,10 @@ func (s *stream) send() bool {
 		err = s.rc.Flush()
 	}
 	if err != nil {
-		if errors.Is(err, os.ErrDeadlineExceeded) && s.ctx.Err() == nil && s.f.ctx.Err() == nil {
+		// The request's context cannot tell a stall from a client that
+		// left: net/http cancels it when a write to the connection fails.
+		// Only the stall bound or the end of the feed sets a deadline.
+		if errors.Is(err, os.ErrDeadlineExceeded) && s.f.ctx.Err() == nil {
 			s.f.metrics.slowDisconnect.Inc()
 			s.f.logger.Info("disconnected a subscriber that stopped reading",
 				zap.String("remote", s.remote), zap.Duration("stalled", stallTimeout))

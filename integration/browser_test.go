@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
@@ -75,11 +76,18 @@ func newBrowser(t *testing.T) context.Context {
 // waitSeen polls the page's record until ok accepts it, and returns it.
 func waitSeen(t *testing.T, ctx context.Context, what string, ok func(browserSeen) bool) browserSeen {
 	t.Helper()
-	var seen browserSeen
+	return waitPage(t, ctx, "seen", what, ok)
+}
+
+// waitPage evaluates the JavaScript expression expr on the page until ok
+// accepts its value, read as JSON into a T, and returns that value.
+func waitPage[T any](t *testing.T, ctx context.Context, expr, what string, ok func(T) bool) T {
+	t.Helper()
+	var seen T
 	require.EventuallyWithT(t, func(c *assert.CollectT) {
-		raw, err := chromedp.Run(ctx, chromedp.Evaluate[string](`JSON.stringify(seen)`))
+		raw, err := chromedp.Run(ctx, chromedp.Evaluate[string](`JSON.stringify(`+expr+`)`))
 		require.NoError(c, err, "reading the page")
-		var now browserSeen
+		var now T
 		require.NoError(c, json.Unmarshal([]byte(raw), &now))
 		if !ok(now) {
 			c.Errorf("the page saw %+v", now)
@@ -261,4 +269,84 @@ sse_feed /events {
 	if !slices.Equal(seen.Resets, []string{"unknown"}) || !slices.Equal(seen.Events, want("b1", "b2", "b3", "b4")) {
 		t.Errorf("after an unknown id the page saw resets %q and events %q", seen.Resets, seen.Events)
 	}
+}
+
+// userPage opens an EventSource on /orders with the token of its own token
+// query parameter, which the feed forwards as a bearer token, and records
+// what JavaScript sees.
+const userPage = `<!doctype html>
+<meta charset="utf-8">
+<title>sse_feed per user</title>
+<script>
+const token = new URLSearchParams(location.search).get("token");
+const source = new EventSource("/orders?token=" + encodeURIComponent(token));
+const seen = {events: [], opens: 0, errors: 0};
+source.onopen = () => seen.opens++;
+source.onerror = () => seen.errors++;
+source.onmessage = e => seen.events.push(e.lastEventId);
+</script>
+`
+
+// userSeen mirrors the user page's record, with the EventSource's
+// readyState.
+type userSeen struct {
+	Events []string `json:"events"`
+	Opens  int      `json:"opens"`
+	Errors int      `json:"errors"`
+	State  int      `json:"state"`
+}
+
+// eventSourceClosed is EventSource.CLOSED, the readyState of a source that
+// gave up for good.
+const eventSourceClosed = 2
+
+// TestBrowserPerUserFeedRefused drives a real EventSource on a per-user
+// feed whose upstream refuses a token with 401: the browser gets the 401,
+// closes the source for good and never asks again, so the upstream sees no
+// further request with the token; a token revoked while its stream is open
+// ends the stream, and the browser's reconnection is refused the same way.
+func TestBrowserPerUserFeedRefused(t *testing.T) {
+	ctx := newBrowser(t)
+	up := newAccounts(t, "erin")
+	root := t.TempDir()
+	require.NoError(t, os.WriteFile(filepath.Join(root, "index.html"), []byte(userPage), 0o644))
+	startCaddy(t, fmt.Sprintf(`root * %s
+file_server
+sse_feed /orders {
+	poll %s/orders 200ms
+	header Authorization "Bearer {query.token}"
+	items /items
+	id /id
+	data /user
+	initial 10
+	retry 200ms
+	linger 200ms
+}`, root, up.URL))
+	page := func(token string) {
+		require.NoError(t, chromedp.Do(ctx, chromedp.Navigate(siteURL+"/?token="+token)))
+	}
+	// expectGaveUp waits until the page's source is closed for good, then
+	// checks that the upstream sees no more requests with the token for
+	// ten times the retry.
+	expectGaveUp := func(token string, opens int) {
+		t.Helper()
+		waitPage(t, ctx, "Object.assign({state: source.readyState}, seen)", token+"'s source closed",
+			func(s userSeen) bool { return s.State == eventSourceClosed && s.Errors > 0 && s.Opens == opens })
+		requests := len(up.requestsOf(token))
+		time.Sleep(2 * time.Second)
+		assert.Len(t, up.requestsOf(token), requests, "upstream requests with %s's token after the source closed", token)
+		last := up.requestsOf(token)[requests-1]
+		assert.Equal(t, http.StatusUnauthorized, last.Status, "the last answer to %s's token", token)
+	}
+
+	page("mallory")
+	expectGaveUp("mallory", 0)
+	require.Len(t, up.requestsOf("mallory"), 1, "upstream requests with mallory's token")
+
+	page("erin")
+	waitPage(t, ctx, "seen", "erin's first event", func(s userSeen) bool { return slices.Equal(s.Events, []string{"erin-1"}) })
+	up.add("erin")
+	waitPage(t, ctx, "seen", "erin's second event", func(s userSeen) bool { return slices.Equal(s.Events, []string{"erin-1", "erin-2"}) })
+	up.revoke("erin")
+	expectGaveUp("erin", 1)
 }

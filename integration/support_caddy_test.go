@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/tls"
 	"fmt"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -160,6 +161,7 @@ func removeBuilds() {
 
 // process is a command running in the background.
 type process struct {
+	cmd    *exec.Cmd
 	exited chan struct{} // closed when the process has exited
 	err    error         // how it exited; read after exited is closed
 	output bytes.Buffer  // its stdout and stderr; read after exited is closed
@@ -172,8 +174,8 @@ type process struct {
 func startProcess(t *testing.T, bin string, args ...string) *process {
 	t.Helper()
 	dir := t.TempDir()
-	p := &process{exited: make(chan struct{})}
 	cmd := exec.Command(bin, args...)
+	p := &process{cmd: cmd, exited: make(chan struct{})}
 	cmd.Env = append(os.Environ(), "HOME="+dir, "XDG_CONFIG_HOME="+dir, "XDG_DATA_HOME="+dir)
 	cmd.Stdout, cmd.Stderr = &p.output, &p.output
 	require.NoError(t, cmd.Start())
@@ -189,14 +191,11 @@ func startProcess(t *testing.T, bin string, args ...string) *process {
 	return p
 }
 
-// runCaddy writes config to a Caddyfile, runs the real binary on it and
-// waits until rawURL answers.
-func runCaddy(t *testing.T, config, rawURL string) *process {
+// runCaddyfile runs the real binary on the Caddyfile file and waits until
+// rawURL answers.
+func runCaddyfile(t *testing.T, file, rawURL string) *process {
 	t.Helper()
-	bin := caddyBinary(t)
-	file := filepath.Join(t.TempDir(), "Caddyfile")
-	require.NoError(t, os.WriteFile(file, []byte(config), 0o600))
-	p := startProcess(t, bin, "run", "--config", file)
+	p := startProcess(t, caddyBinary(t), "run", "--config", file)
 	require.EventuallyWithT(t, func(c *assert.CollectT) {
 		select {
 		case <-p.exited:
@@ -222,4 +221,79 @@ func (p *process) expectExit(t *testing.T, within time.Duration, why string) {
 	if p.err != nil {
 		t.Errorf("caddy exited with %v\n%s", p.err, p.output.String())
 	}
+}
+
+// signal sends sig to the process.
+func (p *process) signal(t *testing.T, sig os.Signal) {
+	t.Helper()
+	require.NoError(t, p.cmd.Process.Signal(sig))
+}
+
+// freePort returns a port of 127.0.0.1 that was free a moment ago, for a
+// process that must not meet the fixed ports of caddytest nor another
+// process.
+func freePort(t *testing.T) int {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+// binaryCaddy is the real binary serving a site on ports of its own, with
+// Caddy's default grace period, which waits for open connections forever.
+type binaryCaddy struct {
+	*process
+	file  string // its Caddyfile
+	admin string // the admin endpoint's address
+	port  int    // the site's port
+	// URL is the site's.
+	URL string
+}
+
+// startBinary runs the real binary with site on free ports.
+func startBinary(t *testing.T, site string) *binaryCaddy {
+	t.Helper()
+	port := freePort(t)
+	c := &binaryCaddy{
+		file:  filepath.Join(t.TempDir(), "Caddyfile"),
+		admin: fmt.Sprintf("127.0.0.1:%d", freePort(t)),
+		port:  port,
+		URL:   fmt.Sprintf("http://127.0.0.1:%d", port),
+	}
+	c.write(t, site)
+	c.process = runCaddyfile(t, c.file, c.URL+"/")
+	return c
+}
+
+// write writes the Caddyfile of site.
+func (c *binaryCaddy) write(t *testing.T, site string) {
+	t.Helper()
+	config := fmt.Sprintf(`{
+	admin %s
+	auto_https off
+	persist_config off
+	skip_install_trust
+}
+%s {
+%s
+}
+`, c.admin, c.URL, site)
+	require.NoError(t, os.WriteFile(c.file, []byte(config), 0o600))
+}
+
+// reload loads site with `caddy reload`, which returns once the new config
+// runs.
+func (c *binaryCaddy) reload(t *testing.T, site string) {
+	t.Helper()
+	c.write(t, site)
+	out, err := exec.Command(caddyBinary(t), "reload", "--config", c.file, "--address", c.admin).CombinedOutput()
+	require.NoError(t, err, "caddy reload: %s", out)
+}
+
+// stop runs `caddy stop` in the background: it returns when the process
+// has stopped, which is what the test waits for.
+func (c *binaryCaddy) stop(t *testing.T) {
+	t.Helper()
+	startProcess(t, caddyBinary(t), "stop", "--address", c.admin)
 }

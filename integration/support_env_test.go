@@ -11,10 +11,14 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"runtime/metrics"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
+
+	"github.com/stretchr/testify/require"
 
 	"github.com/ssefeed/caddy-ssefeed/internal/ssetest"
 )
@@ -136,4 +140,28 @@ func heapInuse() uint64 {
 	var ms runtime.MemStats
 	runtime.ReadMemStats(&ms)
 	return ms.HeapInuse
+}
+
+// liveHeap returns the bytes of live heap objects that the last garbage
+// collection found: cheap enough to sample often, since it forces no
+// collection.
+func liveHeap() uint64 {
+	sample := []metrics.Sample{{Name: "/gc/heap/live:bytes"}}
+	metrics.Read(sample)
+	return sample[0].Value.Uint64()
+}
+
+// vmRSS returns the resident memory of this process, from /proc.
+func vmRSS(t require.TestingT) uint64 {
+	status, err := os.ReadFile("/proc/self/status")
+	require.NoError(t, err)
+	for line := range strings.Lines(string(status)) {
+		if rest, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			kib, err := strconv.ParseUint(strings.TrimSuffix(strings.TrimSpace(rest), " kB"), 10, 64)
+			require.NoError(t, err, "VmRSS %q", rest)
+			return kib << 10
+		}
+	}
+	require.Fail(t, "no VmRSS in /proc/self/status")
+	return 0
 }

@@ -17,7 +17,13 @@ import (
 
 // scrapeMetrics returns the text of the admin endpoint's /metrics.
 func scrapeMetrics(t require.TestingT) string {
-	resp, err := http.Get(adminURL + "/metrics")
+	return scrapeMetricsOf(t, adminURL)
+}
+
+// scrapeMetricsOf returns the text of /metrics of the admin endpoint at
+// admin, a URL.
+func scrapeMetricsOf(t require.TestingT, admin string) string {
+	resp, err := http.Get(admin + "/metrics")
 	require.NoError(t, err)
 	defer resp.Body.Close()
 	body, err := io.ReadAll(resp.Body)

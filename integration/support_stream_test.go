@@ -2,10 +2,14 @@ package integration
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"net/url"
+	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -82,8 +86,15 @@ type liveStream struct {
 // the background until they end or the test does.
 func openLiveStreams(t *testing.T, client *http.Client, rawURL string, n int) []*liveStream {
 	t.Helper()
-	streams := make([]*liveStream, n)
-	errs := make(chan error, n)
+	return openLiveStreamsOf(t, client, slices.Repeat([]string{rawURL}, n))
+}
+
+// openLiveStreamsOf opens a stream of each URL with client, as
+// openLiveStreams does.
+func openLiveStreamsOf(t *testing.T, client *http.Client, urls []string) []*liveStream {
+	t.Helper()
+	streams := make([]*liveStream, len(urls))
+	errs := make(chan error, len(urls))
 	var opening sync.WaitGroup
 	gate := make(chan struct{}, 32)
 	for i := range streams {
@@ -94,7 +105,7 @@ func openLiveStreams(t *testing.T, client *http.Client, rawURL string, n int) []
 		gate <- struct{}{}
 		opening.Go(func() {
 			defer func() { <-gate }()
-			resp, err := ssetest.Get(ctx, client, rawURL)
+			resp, err := ssetest.Get(ctx, client, urls[i])
 			if err != nil {
 				errs <- err
 				close(s.ended)
@@ -165,10 +176,19 @@ func waitAllEnded(t *testing.T, streams []*liveStream, within time.Duration) tim
 	return time.Since(start)
 }
 
-// stalledClient opens a stream over a raw TCP connection with a tiny
-// receive buffer and never reads it.
-func stalledClient(t *testing.T, path string) net.Conn {
+// stalledClient opens a stream of path on the test site over a raw TCP
+// connection with a tiny receive buffer and never reads it. The header
+// comes as name, value pairs.
+func stalledClient(t *testing.T, path string, header ...string) net.Conn {
 	t.Helper()
+	return stalledClientOf(t, siteURL+path, header...)
+}
+
+// stalledClientOf is stalledClient for any URL.
+func stalledClientOf(t *testing.T, rawURL string, header ...string) net.Conn {
+	t.Helper()
+	u, err := url.Parse(rawURL)
+	require.NoError(t, err)
 	dialer := net.Dialer{Control: func(_, _ string, c syscall.RawConn) error {
 		var err error
 		if cerr := c.Control(func(fd uintptr) {
@@ -178,10 +198,16 @@ func stalledClient(t *testing.T, path string) net.Conn {
 		}
 		return err
 	}}
-	conn, err := dialer.Dial("tcp", "127.0.0.1:9080")
+	conn, err := dialer.Dial("tcp", u.Host)
 	require.NoError(t, err)
 	t.Cleanup(func() { conn.Close() })
-	_, err = io.WriteString(conn, "GET "+path+" HTTP/1.1\r\nHost: localhost:9080\r\n\r\n")
+	var req strings.Builder
+	fmt.Fprintf(&req, "GET %s HTTP/1.1\r\nHost: %s\r\n", u.RequestURI(), u.Host)
+	for i := 0; i+1 < len(header); i += 2 {
+		fmt.Fprintf(&req, "%s: %s\r\n", header[i], header[i+1])
+	}
+	req.WriteString("\r\n")
+	_, err = io.WriteString(conn, req.String())
 	require.NoError(t, err)
 	return conn
 }

@@ -184,8 +184,11 @@ type jsonAnswer struct {
 // upstreamRequest is one request a jsonUpstream received.
 type upstreamRequest struct {
 	Start, End time.Time
-	RawQuery   string
-	Header     http.Header
+	// Host is the Host header; RequestURI the target of the request line,
+	// as sent.
+	Host, RequestURI string
+	RawQuery         string
+	Header           http.Header
 	// Status is the status answered, or 0 when the client left first.
 	Status int
 }
@@ -241,7 +244,9 @@ func (u *jsonUpstream) Accept(t *testing.T) {
 }
 
 func (u *jsonUpstream) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	req := upstreamRequest{Start: time.Now(), RawQuery: r.URL.RawQuery, Header: r.Header.Clone()}
+	req := upstreamRequest{
+		Start: time.Now(), Host: r.Host, RequestURI: r.RequestURI, RawQuery: r.URL.RawQuery, Header: r.Header.Clone(),
+	}
 	u.mu.Lock()
 	u.inFlight++
 	u.maxInFlight = max(u.maxInFlight, u.inFlight)
