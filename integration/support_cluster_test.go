@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -57,15 +56,6 @@ const instanceHeader = "header X-Instance {env.INSTANCE}"
 // a line.
 func feedBlock(path string, options ...string) string {
 	return "sse_feed " + path + " {\n\t" + strings.Join(options, "\n\t") + "\n}\n"
-}
-
-// freePort returns a loopback port on which nothing listened a moment ago.
-func freePort(t *testing.T) int {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
 }
 
 // node is one Caddy process of a cluster test.
@@ -124,7 +114,7 @@ func startNode(t *testing.T, name, site string) *node {
 	})
 	// The process inherits the variable as it starts.
 	t.Setenv("INSTANCE", name)
-	n.proc = runCaddy(t, nodeConfig(port, adminPort, site), n.url+"/")
+	n.proc = runCaddyfile(t, writeCaddyfile(t, nodeConfig(port, adminPort, site)), n.url+"/")
 	return n
 }
 
