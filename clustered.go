@@ -4,6 +4,8 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"maps"
+	"slices"
 	"sync"
 	"time"
 
@@ -23,20 +25,29 @@ type sharing struct {
 	ttl    time.Duration
 }
 
-// newSharing opens the feed's store in backend, bounded by limits, and
-// mirrors it into log.
-func newSharing(backend cluster.Backend, id string, limits replay.Limits, log *replay.Log, metrics *feedMetrics, logger *zap.Logger) *sharing {
+// newSharing opens the feed's store in backend, bounded by limits. The
+// feed that has it completes its mirror with the log to fill.
+func newSharing(backend cluster.Backend, id string, limits replay.Limits, metrics *feedMetrics, logger *zap.Logger) *sharing {
 	store := backend.Open(id, limits)
 	return &sharing{
-		store: store,
-		mirror: &cluster.Mirror{
-			Store: store, Log: log, Observer: metrics, Logger: logger,
-			// Ids from before the shared log lost data must be unknown.
-			Reset: func(string) { log.Drop() },
-		},
+		store:  store,
+		mirror: &cluster.Mirror{Store: store, Observer: metrics, Logger: logger},
 		holder: backend.Holder(),
 		ttl:    backend.LeaseTTL(),
 	}
+}
+
+// mirrorSink is where a feed's mirror appends what the shared log has.
+type mirrorSink struct{ f *feed }
+
+// Append implements cluster.Sink. Frames in the shared log mean that the
+// upstream answered the lease holder, wherever it runs: subscribers that
+// wait for its first answer may start.
+func (m mirrorSink) Append(frames ...replay.Frame) {
+	m.f.log.Append(frames...)
+	m.f.mu.Lock()
+	m.f.closeAnswered()
+	m.f.mu.Unlock()
 }
 
 // known has the mirror catch up with the shared log, for at most a third
@@ -126,12 +137,10 @@ func (f *feed) restore(m cluster.Meta) {
 // id is theirs, if any. f.publishMu must be held, and the source must be
 // the caller or not running.
 func (f *feed) state(frames []replay.Frame) []byte {
-	state := sharedState{LastID: f.lastID}
+	// Sorted, so that an unchanged state is stored as the same bytes.
+	state := sharedState{LastID: f.lastID, LastPoll: slices.Sorted(maps.Keys(f.lastPoll))}
 	if len(frames) > 0 {
 		state.LastID = frames[len(frames)-1].ID
-	}
-	for key := range f.lastPoll {
-		state.LastPoll = append(state.LastPoll, key)
 	}
 	if p, ok := f.source.(*source.Poll); ok {
 		ps := p.State()

@@ -36,6 +36,7 @@ type eventLog interface {
 	Next() uint64
 	HasKey(key string) bool
 	Expire()
+	Drop()
 	Close()
 }
 
@@ -129,6 +130,12 @@ func newFeed(parts feedParts) *feed {
 	}
 	if f.kind == tailFeed && f.shared == nil {
 		close(f.ready)
+	}
+	if f.shared != nil {
+		f.shared.mirror.Log = mirrorSink{f}
+		// Ids from before the shared log lost data must be unknown, and
+		// the streams told.
+		f.shared.mirror.Reset = func(string) { f.log.Drop() }
 	}
 	return f
 }
@@ -392,11 +399,7 @@ func (f *feed) end(reason string) {
 // subscribers that reconnect get the refusal's status.
 func (f *feed) Answered(status int) {
 	f.mu.Lock()
-	select {
-	case <-f.answered:
-	default:
-		close(f.answered)
-	}
+	f.closeAnswered()
 	if status >= 200 && status < 300 || status == http.StatusNotModified {
 		f.closeReady()
 	}
@@ -409,6 +412,15 @@ func (f *feed) Answered(status int) {
 	f.mu.Unlock()
 	if refused && f.idle != nil {
 		f.idle(f)
+	}
+}
+
+// closeAnswered closes answered if it is open. f.mu must be held.
+func (f *feed) closeAnswered() {
+	select {
+	case <-f.answered:
+	default:
+		close(f.answered)
 	}
 }
 

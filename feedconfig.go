@@ -278,7 +278,7 @@ func (c *FeedConfig) newFeed(logger *zap.Logger, backend cluster.Backend, cluste
 	log := replay.New(c.limits())
 	var shared *sharing
 	if backend != nil {
-		shared = newSharing(backend, clusterID, c.limits(), log, metrics, logger)
+		shared = newSharing(backend, clusterID, c.limits(), metrics, logger)
 	}
 	return newFeed(feedParts{
 		kind:      c.kind(),

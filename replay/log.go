@@ -222,15 +222,16 @@ func (l *Log) Read(cursor uint64, dst [][]byte, maxFrames, maxBytes int) (frames
 	return dst, cursor, i < len(l.frames), l.wake, nil
 }
 
-// Drop evicts every retained frame, as if they had all aged out: cursors
-// into them get ErrEvicted, and their ids and keys are unknown. Cursors at
-// the end go on with the frames appended next. A cluster's mirror drops
-// its log when the shared log lost data.
+// Drop forgets the log's history, as when the shared log it mirrors lost
+// data: every retained frame is evicted, its id and key unknown, and every
+// cursor, even one at the end, gets ErrEvicted, so that each reader is told
+// of the loss (with the reset event) instead of going on across a gap.
 func (l *Log) Drop() {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	l.frames, l.head, l.bytes = nil, 0, 0
 	l.ids, l.keys = newIndex(), newIndex()
+	l.next++ // a cursor at the old end is now before the oldest frame
 	if !l.closed {
 		close(l.wake)
 		l.wake = make(chan struct{})
