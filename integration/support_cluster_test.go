@@ -188,7 +188,6 @@ type witnessed struct {
 	path     string
 	query    string
 	start    time.Time
-	end      time.Time // zero while it is open
 }
 
 // newWitness serves next behind a witness. The witness closes its
