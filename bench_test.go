@@ -41,6 +41,10 @@ func (w *discardWriter) Header() http.Header         { return w.header }
 func (w *discardWriter) WriteHeader(int)             {}
 func (w *discardWriter) Write(p []byte) (int, error) { w.pending += len(p); return len(p), nil }
 
+// SetWriteDeadline accepts the stall bound that every write sets, as a
+// server's connection does.
+func (w *discardWriter) SetWriteDeadline(time.Time) error { return nil }
+
 func (w *discardWriter) Flush() {
 	if w.flushed != nil && w.frameLen > 0 && w.pending >= w.frameLen {
 		w.flushed(w.pending / w.frameLen)
