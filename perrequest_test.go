@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/stretchr/testify/require"
 
 	"github.com/ssefeed/caddy-ssefeed/internal/ssetest"
@@ -147,6 +148,8 @@ func TestPerRequestUpstreamDecidesWhoMaySubscribe(t *testing.T) {
 	// she comes back. Bob's stream goes on.
 	up.answer("alice", http.StatusForbidden)
 	alice.ExpectEnd(t, 5*time.Second)
+	require.Equal(t, 1.0, testutil.ToFloat64(metricUpstreamRefusals.WithLabelValues(h.Name, "401")))
+	require.Equal(t, 1.0, testutil.ToFloat64(metricUpstreamRefusals.WithLabelValues(h.Name, "403")))
 	require.Equal(t, http.StatusForbidden, get(t, srv.URL, "alice").StatusCode)
 	up.bump()
 	require.Contains(t, bob.NextEvent(t).Data, `"version":1`)
@@ -201,6 +204,8 @@ func TestPerRequestMaxFeeds(t *testing.T) {
 	require.NoError(t, err)
 	require.True(t, strings.HasPrefix(string(body), "retry: "), "over max_feeds: %q", body)
 	require.Equal(t, 2, liveFeeds(h))
+	require.Equal(t, 2.0, testutil.ToFloat64(metricFeeds.WithLabelValues(h.Name)))
+	require.Equal(t, 1.0, testutil.ToFloat64(metricFeedsOverCapacity.WithLabelValues(h.Name)))
 	require.Contains(t, alice.NextEvent(t).Data, "alice", "a live feed suffered from the refusal")
 }
 
@@ -215,6 +220,9 @@ func TestPerRequestFeedIsForgottenAfterLinger(t *testing.T) {
 		s.Close()
 	}
 	waitUntil(t, "every feed forgotten after its linger", func() bool { return liveFeeds(h) == 0 })
+	require.Zero(t, testutil.ToFloat64(metricFeeds.WithLabelValues(h.Name)))
+	require.Equal(t, 3.0, testutil.ToFloat64(metricFeedsStarted.WithLabelValues(h.Name)))
+	require.Equal(t, 3.0, testutil.ToFloat64(metricFeedsDropped.WithLabelValues(h.Name)))
 	waitUntil(t, "their goroutines gone", func() bool { return runtime.NumGoroutine() <= goroutines })
 	requests := len(up.paths())
 	time.Sleep(100 * time.Millisecond)
