@@ -103,6 +103,7 @@ type instance struct {
 	rssBefore int64
 	rssIdle   int64
 	cpu       time.Duration // over the burst, or the window with -per-request
+	writes    int64         // write calls over the burst
 	delivered int
 }
 
@@ -459,6 +460,7 @@ func measureBurst(ctx context.Context, cfg config, r *result, d *deployment, up 
 	}
 	for i := range r.instances {
 		r.instances[i].cpu = after[i].cpu - cpuBefore[i].cpu
+		r.instances[i].writes = after[i].writes - cpuBefore[i].writes
 	}
 	r.clientCPU = selfAfter.cpu - selfBefore.cpu
 	profiling.Wait()
@@ -500,17 +502,17 @@ func report(cfg config, results []result) {
 	}
 	fmt.Printf("subscribers %d%s, events %d (%s), %s%s\n", cfg.n, perInstance, cfg.events, mode, cfg.proto, options)
 	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "target\tload before\tconnected\tconnect\tidle RSS/sub\tdelivered\tcomplete\tmissing\trepeated\tp50\tp99\tmax\tburst\tCPU\tCPU/event\tclient CPU\t")
+	fmt.Fprintln(tw, "target\tload before\tconnected\tconnect\tidle RSS/sub\tdelivered\tcomplete\tmissing\trepeated\tp50\tp99\tmax\tburst\twrites/sub/s\tCPU\tCPU/write\tCPU/event\tclient CPU\t")
 	for _, r := range results {
-		fmt.Fprintf(tw, "%s\t%s\t%d\t%v\t%.1f KB\t%d\t%d\t%d\t%d\t%v\t%v\t%v\t%v\t%v\t%.2f µs\t%v\t\n",
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%v\t%.1f KB\t%d\t%d\t%d\t%d\t%v\t%v\t%v\t%v\t%.1f\t%v\t%.1f µs\t%.2f µs\t%v\t\n",
 			r.name, r.load, r.connected, r.connect.Round(time.Millisecond), r.rssPerSub()/1024,
 			r.delivered, r.complete, r.missing+r.foreign, r.repeated,
 			r.p50.Round(100*time.Microsecond), r.p99.Round(100*time.Microsecond), r.maxLatency.Round(100*time.Microsecond),
-			r.burst.Round(time.Millisecond), r.cpu(), r.cpuPerEvent(), r.clientCPU)
+			r.burst.Round(time.Millisecond), r.writeRate(), r.cpu(), perEvent(r.cpu(), int(r.writes())), r.cpuPerEvent(), r.clientCPU)
 		if len(r.instances) > 1 {
 			for i, in := range r.instances {
-				fmt.Fprintf(tw, "%s #%d\t\t%d\t\t%.1f KB\t%d\t\t\t\t\t\t\t\t%v\t%.2f µs\t\t\n",
-					r.name, i, in.connected, in.rssPerSub()/1024, in.delivered, in.cpu, perEvent(in.cpu, in.delivered))
+				fmt.Fprintf(tw, "%s #%d\t\t%d\t\t%.1f KB\t%d\t\t\t\t\t\t\t\t\t%v\t%.1f µs\t%.2f µs\t\t\n",
+					r.name, i, in.connected, in.rssPerSub()/1024, in.delivered, in.cpu, perEvent(in.cpu, int(in.writes)), perEvent(in.cpu, in.delivered))
 			}
 		}
 	}
@@ -587,6 +589,24 @@ func (in instance) rssPerSub() float64 {
 	return float64(in.rssIdle-in.rssBefore) / float64(in.connected)
 }
 
+// writes is the servers' write calls over the burst.
+func (r result) writes() int64 {
+	var sum int64
+	for _, in := range r.instances {
+		sum += in.writes
+	}
+	return sum
+}
+
+// writeRate is the servers' write calls per subscriber per second of the
+// burst: with events spaced, how often each subscriber is written to.
+func (r result) writeRate() float64 {
+	if r.connected == 0 || r.burst == 0 {
+		return 0
+	}
+	return float64(r.writes()) / float64(r.connected) / r.burst.Seconds()
+}
+
 // cpu is the CPU time of all the target's servers.
 func (r result) cpu() time.Duration {
 	var sum time.Duration
@@ -599,7 +619,7 @@ func (r result) cpu() time.Duration {
 // cpuPerEvent is the servers' CPU per delivered event in microseconds.
 func (r result) cpuPerEvent() float64 { return perEvent(r.cpu(), r.delivered) }
 
-// perEvent is cpu per event in microseconds.
+// perEvent is cpu per event, or per any other count, in microseconds.
 func perEvent(cpu time.Duration, events int) float64 {
 	if events == 0 {
 		return 0

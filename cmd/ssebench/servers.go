@@ -404,10 +404,12 @@ func (h *hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-// procStats reads a process's CPU time and resident memory from /proc.
+// procStats reads a process's CPU time, resident memory and write calls
+// from /proc.
 type procStats struct {
-	cpu time.Duration
-	rss int64 // bytes
+	cpu    time.Duration
+	rss    int64 // bytes
+	writes int64 // write(2) and writev(2) calls
 }
 
 func readProc(pid int) (procStats, error) {
@@ -430,6 +432,15 @@ func readProc(pid int) (procStats, error) {
 		if rest, ok := strings.CutPrefix(line, "VmRSS:"); ok {
 			kb, _ := strconv.ParseInt(strings.Fields(rest)[0], 10, 64)
 			st.rss = kb << 10
+		}
+	}
+	io, err := os.ReadFile(fmt.Sprintf("/proc/%d/io", pid))
+	if err != nil {
+		return st, err
+	}
+	for line := range strings.Lines(string(io)) {
+		if rest, ok := strings.CutPrefix(line, "syscw:"); ok {
+			st.writes, _ = strconv.ParseInt(strings.TrimSpace(rest), 10, 64)
 		}
 	}
 	return st, nil
