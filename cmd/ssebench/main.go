@@ -102,6 +102,7 @@ type instance struct {
 	connected int
 	rssBefore int64
 	rssIdle   int64
+	files     int           // open files grown while the subscribers connected
 	cpu       time.Duration // over the burst, or the window with -per-request
 	writes    int64         // write calls over the burst
 	delivered int
@@ -348,6 +349,7 @@ func run(cfg config, target string) (result, error) {
 	}
 	for i := range r.instances {
 		r.instances[i].rssBefore, r.instances[i].rssIdle = before[i].rss, idle[i].rss
+		r.instances[i].files = idle[i].files - before[i].files
 	}
 	for _, s := range warm {
 		s.conn.Close()
@@ -554,11 +556,15 @@ func report(cfg config, results []result) {
 func reportPerRequest(cfg config, results []result) {
 	fmt.Printf("per-request feeds %d, one subscriber each, polled every %v, %s\n", cfg.perRequest, cfg.pollInterval, cfg.proto)
 	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "target\tload before\tconnected\tconnect\tRSS/feed\twindow\tupstream requests\trequests/s\tCPU\tCPU/request\t")
+	fmt.Fprintln(tw, "target\tload before\tconnected\tconnect\tRSS/feed\tfiles/feed\twindow\tupstream requests\trequests/s\tCPU\tCPU/request\t")
 	for _, r := range results {
-		fmt.Fprintf(tw, "%s\t%s\t%d\t%v\t%.1f KB\t%v\t%d\t%.0f\t%v\t%.1f µs\t\n",
+		files := 0
+		for _, in := range r.instances {
+			files += in.files
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%v\t%.1f KB\t%.2f\t%v\t%d\t%.0f\t%v\t%.1f µs\t\n",
 			r.name, r.load, r.connected, r.connect.Round(time.Millisecond), r.rssPerSub()/1024,
-			r.window.Round(time.Millisecond), r.requests, float64(r.requests)/r.window.Seconds(),
+			float64(files)/float64(max(r.connected, 1)), r.window.Round(time.Millisecond), r.requests, float64(r.requests)/r.window.Seconds(),
 			r.cpu(), perEvent(r.cpu(), int(r.requests)))
 	}
 	tw.Flush()

@@ -410,6 +410,7 @@ type procStats struct {
 	cpu    time.Duration
 	rss    int64 // bytes
 	writes int64 // write(2) and writev(2) calls
+	files  int   // open file descriptors
 }
 
 func readProc(pid int) (procStats, error) {
@@ -434,6 +435,11 @@ func readProc(pid int) (procStats, error) {
 			st.rss = kb << 10
 		}
 	}
+	fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	if err != nil {
+		return st, err
+	}
+	st.files = len(fds)
 	io, err := os.ReadFile(fmt.Sprintf("/proc/%d/io", pid))
 	if err != nil {
 		return st, err
