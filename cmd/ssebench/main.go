@@ -368,14 +368,35 @@ func run(cfg config, target string) (result, error) {
 		}
 	}
 	if cfg.perRequest > 0 {
-		return r, measureWindow(cfg, &r, d, up)
+		return r, measureWindow(ctx, cfg, &r, d, up)
 	}
 	return r, measureBurst(ctx, cfg, &r, d, up, subs)
 }
 
+// profileCPU profiles the servers' CPU for the next d seconds, when
+// cfg.profile asks for it, and returns what to wait for the files.
+func (d *deployment) profileCPU(ctx context.Context, cfg config, target string, duration time.Duration) *sync.WaitGroup {
+	var profiling sync.WaitGroup
+	if cfg.profile == "" {
+		return &profiling
+	}
+	for i, srv := range d.servers {
+		profiling.Go(func() {
+			url := fmt.Sprintf("%s/pprof/profile?seconds=%d", srv.debug, int(duration.Seconds()))
+			if err := fetchProfile(ctx, url, d.profileName(cfg, target, i, "cpu")); err != nil {
+				log.Printf("%s: cpu profile: %v", target, err)
+			}
+		})
+	}
+	time.Sleep(100 * time.Millisecond)
+	return &profiling
+}
+
 // measureWindow counts the servers' CPU and the upstream requests over
 // cfg.window, while the per-request feeds poll.
-func measureWindow(cfg config, r *result, d *deployment, up *upstream) error {
+func measureWindow(ctx context.Context, cfg config, r *result, d *deployment, up *upstream) error {
+	profiling := d.profileCPU(ctx, cfg, r.name, cfg.window)
+	defer profiling.Wait()
 	before, err := d.readProcs()
 	if err != nil {
 		return err
@@ -398,18 +419,7 @@ func measureWindow(cfg config, r *result, d *deployment, up *upstream) error {
 // measureBurst reads every stream, fires the burst, and waits until every
 // subscriber has all events or the timeout passes.
 func measureBurst(ctx context.Context, cfg config, r *result, d *deployment, up *upstream, subs []*sub) error {
-	var profiling sync.WaitGroup
-	if cfg.profile != "" {
-		for i, srv := range d.servers {
-			profiling.Go(func() {
-				url := fmt.Sprintf("%s/pprof/profile?seconds=%d", srv.debug, 5)
-				if err := fetchProfile(ctx, url, d.profileName(cfg, r.name, i, "cpu")); err != nil {
-					log.Printf("%s: cpu profile: %v", r.name, err)
-				}
-			})
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	profiling := d.profileCPU(ctx, cfg, r.name, 5*time.Second)
 	var reading sync.WaitGroup
 	for _, s := range subs {
 		reading.Go(func() { s.read(cfg.events) })
