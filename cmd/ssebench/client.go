@@ -18,8 +18,9 @@ import (
 
 // sub is one subscriber's stream as the load client reads it.
 type sub struct {
-	conn io.Closer
-	body *bufio.Reader
+	conn     io.Closer
+	body     *bufio.Reader
+	instance int // the server it is connected to
 
 	seen     []uint64 // bit i set: event id i+1 arrived
 	distinct int
@@ -30,16 +31,16 @@ type sub struct {
 	err      error
 }
 
-// dialer opens streams over HTTP/1.1 on raw connections, or over h2c with
-// net/http's transport.
+// dialer opens streams to one server over HTTP/1.1 on raw connections, or
+// over h2c with net/http's transport.
 type dialer struct {
-	url   string // host:port/path
+	host  string // host:port
 	proto string
 	h2c   *http.Client
 }
 
-func newDialer(url, proto string) *dialer {
-	d := &dialer{url: url, proto: proto}
+func newDialer(host, proto string) *dialer {
+	d := &dialer{host: host, proto: proto}
 	if proto == "h2c" {
 		t := &http.Transport{Protocols: new(http.Protocols), ReadBufferSize: 4 << 10}
 		t.Protocols.SetUnencryptedHTTP2(true)
@@ -48,10 +49,11 @@ func newDialer(url, proto string) *dialer {
 	return d
 }
 
-// open connects one subscriber and returns once the response headers came.
-func (d *dialer) open(ctx context.Context) (*sub, error) {
+// open connects one subscriber to path and returns once the response
+// headers came.
+func (d *dialer) open(ctx context.Context, path string) (*sub, error) {
 	if d.proto == "h2c" {
-		req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+d.url, nil)
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+d.host+path, nil)
 		if err != nil {
 			return nil, err
 		}
@@ -65,13 +67,12 @@ func (d *dialer) open(ctx context.Context) (*sub, error) {
 		}
 		return &sub{conn: resp.Body, body: bufio.NewReaderSize(resp.Body, 1024)}, nil
 	}
-	host, path, _ := cutSlash(d.url)
 	var nd net.Dialer
-	conn, err := nd.DialContext(ctx, "tcp", host)
+	conn, err := nd.DialContext(ctx, "tcp", d.host)
 	if err != nil {
 		return nil, err
 	}
-	if _, err := fmt.Fprintf(conn, "GET %s HTTP/1.1\r\nHost: %s\r\nAccept: text/event-stream\r\n\r\n", path, host); err != nil {
+	if _, err := fmt.Fprintf(conn, "GET %s HTTP/1.1\r\nHost: %s\r\nAccept: text/event-stream\r\n\r\n", path, d.host); err != nil {
 		conn.Close()
 		return nil, err
 	}
@@ -86,14 +87,6 @@ func (d *dialer) open(ctx context.Context) (*sub, error) {
 		s.body = bufio.NewReaderSize(httputil.NewChunkedReader(br), 1024)
 	}
 	return s, nil
-}
-
-func cutSlash(url string) (host, path string, ok bool) {
-	i := bytes.IndexByte([]byte(url), '/')
-	if i < 0 {
-		return url, "/", false
-	}
-	return url[:i], url[i:], true
 }
 
 // readHead reads an HTTP/1.1 response head and reports whether the body is
@@ -173,9 +166,9 @@ func (s *sub) read(n int) {
 	}
 }
 
-// connect opens n subscribers, at most parallel at a time, and returns them
-// with the count of failures and the first error.
-func connect(ctx context.Context, d *dialer, n, parallel int) ([]*sub, int, error) {
+// connect opens subscribers 0..n-1 with open, at most parallel at a time,
+// and returns them with the count of failures and the first error.
+func connect(ctx context.Context, n, parallel int, open func(ctx context.Context, i int) (*sub, error)) ([]*sub, int, error) {
 	subs := make([]*sub, n)
 	var next atomic.Int64
 	var failed atomic.Int64
@@ -189,7 +182,7 @@ func connect(ctx context.Context, d *dialer, n, parallel int) ([]*sub, int, erro
 				if i >= n {
 					return
 				}
-				s, err := d.open(ctx)
+				s, err := open(ctx, i)
 				if err != nil {
 					failed.Add(1)
 					once.Do(func() { firstErr = err })

@@ -16,17 +16,21 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
-// upstream is the NDJSON endpoint that the servers under test read. It
-// holds each reader's connection open and writes the burst's lines to it.
+// upstream is what the servers under test read: an NDJSON stream at
+// /feed.ndjson, held open while the burst's lines are written to it, and a
+// small JSON document per user at /user/<u> for per-request feeds, whose
+// requests it counts.
 type upstream struct {
-	url  string
-	srv  *http.Server
-	mu   sync.Mutex
-	outs []chan []byte
-	conn chan struct{} // receives when a reader connects
+	base     string // http://host:port
+	srv      *http.Server
+	mu       sync.Mutex
+	outs     []chan []byte
+	conn     chan struct{} // receives when a reader connects
+	requests atomic.Int64  // to /user/
 }
 
 func startUpstream() (*upstream, error) {
@@ -34,13 +38,24 @@ func startUpstream() (*upstream, error) {
 	if err != nil {
 		return nil, err
 	}
-	u := &upstream{url: "http://" + ln.Addr().String() + "/feed.ndjson", conn: make(chan struct{}, 16)}
-	u.srv = &http.Server{Handler: http.HandlerFunc(u.serve)}
+	u := &upstream{base: "http://" + ln.Addr().String(), conn: make(chan struct{}, 1)}
+	mux := http.NewServeMux()
+	mux.HandleFunc("/feed.ndjson", u.serveTail)
+	mux.HandleFunc("/user/{u}", u.serveUser)
+	u.srv = &http.Server{Handler: mux}
 	go u.srv.Serve(ln)
 	return u, nil
 }
 
-func (u *upstream) serve(w http.ResponseWriter, r *http.Request) {
+// connected tells waitReader that a reader came.
+func (u *upstream) connected() {
+	select {
+	case u.conn <- struct{}{}:
+	default:
+	}
+}
+
+func (u *upstream) serveTail(w http.ResponseWriter, r *http.Request) {
 	out := make(chan []byte, 1024)
 	u.mu.Lock()
 	u.outs = append(u.outs, out)
@@ -49,7 +64,7 @@ func (u *upstream) serve(w http.ResponseWriter, r *http.Request) {
 	w.WriteHeader(http.StatusOK)
 	rc := http.NewResponseController(w)
 	_ = rc.Flush()
-	u.conn <- struct{}{}
+	u.connected()
 	for {
 		select {
 		case line := <-out:
@@ -63,6 +78,15 @@ func (u *upstream) serve(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
+}
+
+// serveUser answers the same small document for a user every time, with
+// no validator.
+func (u *upstream) serveUser(w http.ResponseWriter, r *http.Request) {
+	u.requests.Add(1)
+	u.connected()
+	w.Header().Set("Content-Type", "application/json")
+	fmt.Fprintf(w, "{\"user\":%q,\"status\":\"active\",\"unread\":3}\n", r.PathValue("u"))
 }
 
 // waitReader waits until a server under test has connected.
@@ -99,25 +123,25 @@ func (u *upstream) fire(n int, rate float64) {
 
 func (u *upstream) close() { u.srv.Close() }
 
-// server is a server under test running as a child process.
+// server is a server under test, or the Redis they share, running as a
+// child process.
 type server struct {
-	name  string
-	cmd   *exec.Cmd
-	url   string // the event stream
-	debug string // base URL of /debug
-	dir   string
+	name   string
+	cmd    *exec.Cmd
+	exited chan struct{} // closed when cmd has exited
+	addr   string        // where it listens: host:port, or a unix socket's path
+	debug  string        // base URL of /debug
+	dir    string
 }
 
 func (s *server) stop() {
-	if s.cmd.Process != nil {
+	if s.exited != nil {
 		_ = s.cmd.Process.Signal(os.Interrupt)
-		done := make(chan struct{})
-		go func() { _ = s.cmd.Wait(); close(done) }()
 		select {
-		case <-done:
+		case <-s.exited:
 		case <-time.After(5 * time.Second):
 			_ = s.cmd.Process.Kill()
-			<-done
+			<-s.exited
 		}
 	}
 	if s.dir != "" {
@@ -125,8 +149,32 @@ func (s *server) stop() {
 	}
 }
 
-// caddyBinary builds ./cmd/caddy of the module into dir.
-func caddyBinary(dir string) (string, error) {
+// start starts the server's command and waits until it listens on addr.
+func (s *server) start(network string) error {
+	s.cmd.Stderr = os.Stderr
+	if err := s.cmd.Start(); err != nil {
+		return err
+	}
+	s.exited = make(chan struct{})
+	go func() { _ = s.cmd.Wait(); close(s.exited) }()
+	deadline := time.After(30 * time.Second)
+	for {
+		if c, err := net.Dial(network, s.addr); err == nil {
+			c.Close()
+			return nil
+		}
+		select {
+		case <-s.exited:
+			return fmt.Errorf("%s exited before listening on %s", s.name, s.addr)
+		case <-deadline:
+			return fmt.Errorf("%s did not listen on %s", s.name, s.addr)
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+// buildCaddy builds ./cmd/caddy of the module into dir.
+func buildCaddy(dir string) (string, error) {
 	bin := filepath.Join(dir, "caddy")
 	cmd := exec.Command("go", "build", "-o", bin, "./cmd/caddy")
 	cmd.Dir = moduleRoot()
@@ -147,19 +195,47 @@ func moduleRoot() string {
 	}
 }
 
-// startCaddy runs Caddy with the module, tailing the upstream.
-func startCaddy(cfg config, upstreamURL string) (*server, error) {
+// feedBlock is the sse_feed directive that Caddy serves: a tail of the
+// upstream's NDJSON at /events, or with -per-request a poll of the
+// requesting user's document at /user; in a cluster when redisSocket is
+// set.
+func feedBlock(cfg config, up *upstream, redisSocket string) string {
+	var b strings.Builder
+	if cfg.perRequest > 0 {
+		fmt.Fprintf(&b, "\tsse_feed /user {\n\t\tpoll %s/user/{query.u} %v\n\t\tmax_feeds %d\n", up.base, cfg.pollInterval, cfg.perRequest+1)
+	} else {
+		fmt.Fprintf(&b, "\tsse_feed /events {\n\t\ttail %s/feed.ndjson\n\t\tid /id\n\t\treplay %d\n", up.base, max(1000, 2*cfg.events))
+	}
+	b.WriteString("\t\theartbeat off\n")
+	if cfg.flushInterval > 0 {
+		fmt.Fprintf(&b, "\t\tflush_interval %v\n", cfg.flushInterval)
+	}
+	if redisSocket != "" {
+		fmt.Fprintf(&b, "\t\tcluster redis {\n\t\t\taddress unix://%s\n\t\t\tlease 2s\n\t\t}\n", redisSocket)
+	}
+	b.WriteString("\t}\n")
+	return b.String()
+}
+
+// startCaddy runs Caddy with the module serving feed. The first instance
+// listens on cfg.port with its admin API at cfg.caddyAdmin; other
+// instances of a cluster on free ports.
+func startCaddy(cfg config, instance int, feed string) (*server, error) {
 	dir, err := os.MkdirTemp("", "ssebench-caddy")
 	if err != nil {
 		return nil, err
 	}
-	s := &server{name: "module", dir: dir}
-	bin := cfg.caddyBin
-	if bin == "" {
-		if bin, err = caddyBinary(dir); err != nil {
-			s.stop()
-			return nil, fmt.Errorf("building caddy: %v", err)
+	s := &server{name: "caddy", dir: dir}
+	port, admin := cfg.port, cfg.caddyAdmin
+	if instance > 0 {
+		if port, err = freePort(); err != nil {
+			return s, err
 		}
+		adminPort, err := freePort()
+		if err != nil {
+			return s, err
+		}
+		admin = fmt.Sprintf("localhost:%d", adminPort)
 	}
 	protocols := "h1"
 	if cfg.proto == "h2c" {
@@ -179,59 +255,53 @@ func startCaddy(cfg config, upstreamURL string) (*server, error) {
 }
 
 :%d {
-	sse_feed /events {
-		tail %s
-		id /id
-		heartbeat off
-		replay %d
-	}
-}
-`, cfg.caddyAdmin, cfg.port, protocols, cfg.port, upstreamURL, max(1000, 2*cfg.events))
+%s}
+`, admin, port, protocols, port, feed)
 	file := filepath.Join(dir, "Caddyfile")
 	if err := os.WriteFile(file, []byte(caddyfile), 0o600); err != nil {
-		s.stop()
-		return nil, err
+		return s, err
 	}
-	s.cmd = exec.Command(bin, "run", "--config", file, "--adapter", "caddyfile")
+	s.cmd = exec.Command(cfg.caddyBin, "run", "--config", file, "--adapter", "caddyfile")
 	s.cmd.Env = append(os.Environ(), "HOME="+dir, "XDG_DATA_HOME="+dir, "XDG_CONFIG_HOME="+dir)
-	s.cmd.Stderr = os.Stderr
-	if err := s.cmd.Start(); err != nil {
-		s.stop()
+	s.addr = fmt.Sprintf("127.0.0.1:%d", port)
+	s.debug = "http://" + admin + "/debug"
+	return s, s.start("tcp")
+}
+
+// freePort returns a loopback port that nothing listened on a moment ago.
+func freePort() (int, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port, nil
+}
+
+// startRedis runs a redis-server without persistence on a unix socket.
+func startRedis() (*server, error) {
+	dir, err := os.MkdirTemp("", "ssebench-redis")
+	if err != nil {
 		return nil, err
 	}
-	s.url = fmt.Sprintf("127.0.0.1:%d/events", cfg.port)
-	s.debug = "http://" + cfg.caddyAdmin + "/debug"
-	return s, waitListening(fmt.Sprintf("127.0.0.1:%d", cfg.port), s.cmd)
+	s := &server{name: "redis-server", dir: dir, addr: filepath.Join(dir, "redis.sock")}
+	s.cmd = exec.Command("redis-server", "--port", "0", "--unixsocket", s.addr, "--unixsocketperm", "700",
+		"--save", "", "--appendonly", "no", "--dir", dir, "--logfile", filepath.Join(dir, "redis.log"))
+	return s, s.start("unix")
 }
 
 // startBaseline re-executes this program as the bare net/http fan-out
 // server.
-func startBaseline(cfg config, upstreamURL string) (*server, error) {
+func startBaseline(cfg config, up *upstream) (*server, error) {
 	exe, err := os.Executable()
 	if err != nil {
 		return nil, err
 	}
 	addr := fmt.Sprintf("127.0.0.1:%d", cfg.port+1)
 	pprofAddr := fmt.Sprintf("127.0.0.1:%d", cfg.port+2)
-	s := &server{name: "baseline", url: addr + "/events", debug: "http://" + pprofAddr + "/debug"}
-	s.cmd = exec.Command(exe, "-serve-baseline", addr, "-upstream", upstreamURL, "-pprof", pprofAddr)
-	s.cmd.Stderr = os.Stderr
-	if err := s.cmd.Start(); err != nil {
-		return nil, err
-	}
-	return s, waitListening(addr, s.cmd)
-}
-
-func waitListening(addr string, cmd *exec.Cmd) error {
-	deadline := time.Now().Add(30 * time.Second)
-	for time.Now().Before(deadline) {
-		if c, err := net.Dial("tcp", addr); err == nil {
-			c.Close()
-			return nil
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	return fmt.Errorf("%s did not listen on %s", cmd.Path, addr)
+	s := &server{name: "baseline", addr: addr, debug: "http://" + pprofAddr + "/debug"}
+	s.cmd = exec.Command(exe, "-serve-baseline", addr, "-upstream", up.base+"/feed.ndjson", "-pprof", pprofAddr)
+	return s, s.start("tcp")
 }
 
 // serveBaseline is the bare fan-out server: it reads the upstream's NDJSON,
@@ -334,10 +404,13 @@ func (h *hub) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-// procStats reads a process's CPU time and resident memory from /proc.
+// procStats reads a process's CPU time, resident memory and write calls
+// from /proc.
 type procStats struct {
-	cpu time.Duration
-	rss int64 // bytes
+	cpu    time.Duration
+	rss    int64 // bytes
+	writes int64 // write(2) and writev(2) calls
+	files  int   // open file descriptors
 }
 
 func readProc(pid int) (procStats, error) {
@@ -362,7 +435,41 @@ func readProc(pid int) (procStats, error) {
 			st.rss = kb << 10
 		}
 	}
+	fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	if err != nil {
+		return st, err
+	}
+	st.files = len(fds)
+	io, err := os.ReadFile(fmt.Sprintf("/proc/%d/io", pid))
+	if err != nil {
+		return st, err
+	}
+	for line := range strings.Lines(string(io)) {
+		if rest, ok := strings.CutPrefix(line, "syscw:"); ok {
+			st.writes, _ = strconv.ParseInt(strings.TrimSpace(rest), 10, 64)
+		}
+	}
 	return st, nil
+}
+
+// redisCommands reads, from the Redis on socket, how many times each
+// command was called, the commands that its Lua scripts call included.
+func redisCommands(socket string) (map[string]int64, error) {
+	out, err := exec.Command("redis-cli", "-s", socket, "INFO", "commandstats").Output()
+	if err != nil {
+		return nil, err
+	}
+	calls := make(map[string]int64)
+	for line := range strings.Lines(string(out)) {
+		// cmdstat_evalsha:calls=12,usec=...
+		name, rest, ok := strings.Cut(strings.TrimPrefix(line, "cmdstat_"), ":calls=")
+		if !ok {
+			continue
+		}
+		n, _, _ := strings.Cut(rest, ",")
+		calls[name], _ = strconv.ParseInt(n, 10, 64)
+	}
+	return calls, nil
 }
 
 // memStats is the part of a server's runtime.MemStats that tells where
