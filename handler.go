@@ -94,8 +94,19 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	// When the feed ends or Caddy exits, a write blocked on a client that
 	// stopped reading ends at once too. Caddy's writers are not safe for
 	// use from another goroutine; the one they wrap is.
+	// The response must not be touched once ServeHTTP returned, so a cut
+	// that has started is waited for.
 	inner := http.NewResponseController(innermost(w))
-	defer context.AfterFunc(f.ctx, func() { _ = inner.SetWriteDeadline(time.Now()) })()
+	cut := make(chan struct{})
+	stopCut := context.AfterFunc(f.ctx, func() {
+		defer close(cut)
+		_ = inner.SetWriteDeadline(time.Now())
+	})
+	defer func() {
+		if !stopCut() {
+			<-cut
+		}
+	}()
 	s.run(a, lastEventID(r))
 	return nil
 }

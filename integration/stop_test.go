@@ -130,3 +130,29 @@ func TestStopWithStalledClientsExitsAtOnce(t *testing.T) {
 	t.Logf("caddy stop with %d stalled clients and one reader: the process exited %v after the stop command started",
 		stalled, exit.Round(time.Millisecond))
 }
+
+// TestSignalWithHTTP2StreamsExitsCleanly runs the real binary with many
+// h2c streams open and signals it: it must exit cleanly. Cutting a stream's
+// blocked write at exit once ran after the stream's handler had returned,
+// and x/net/http2 panics on a response used after that.
+func TestSignalWithHTTP2StreamsExitsCleanly(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds and runs the caddy binary")
+	}
+	up := newNDJSONUpstream(t)
+	caddy := startBinary(t, tailFeed(up.URL), "servers {\n\tprotocols h1 h2c\n}")
+	protocols := new(http.Protocols)
+	protocols.SetUnencryptedHTTP2(true)
+	transport := &http.Transport{Protocols: protocols}
+	t.Cleanup(transport.CloseIdleConnections)
+	client := &http.Client{Transport: transport}
+	streams := make([]*ssetest.Stream, 200)
+	for i := range streams {
+		streams[i] = ssetest.OpenWith(t, client, nil, caddy.URL+"/events")
+	}
+	up.WaitConnected(t, 1)
+	sendAndExpect(t, up, []string{"before-signal"}, streams...)
+
+	caddy.signal(t, syscall.SIGINT)
+	caddy.expectExit(t, 5*time.Second, "with h2c streams open")
+}

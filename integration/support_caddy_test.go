@@ -247,19 +247,23 @@ type binaryCaddy struct {
 	file  string // its Caddyfile
 	admin string // the admin endpoint's address
 	port  int    // the site's port
+	// globals are global options beside the ports'.
+	globals string
 	// URL is the site's.
 	URL string
 }
 
-// startBinary runs the real binary with site on free ports.
-func startBinary(t *testing.T, site string) *binaryCaddy {
+// startBinary runs the real binary with site on free ports, and the given
+// global options, if any.
+func startBinary(t *testing.T, site string, globals ...string) *binaryCaddy {
 	t.Helper()
 	port := freePort(t)
 	c := &binaryCaddy{
-		file:  filepath.Join(t.TempDir(), "Caddyfile"),
-		admin: fmt.Sprintf("127.0.0.1:%d", freePort(t)),
-		port:  port,
-		URL:   fmt.Sprintf("http://127.0.0.1:%d", port),
+		file:    filepath.Join(t.TempDir(), "Caddyfile"),
+		admin:   fmt.Sprintf("127.0.0.1:%d", freePort(t)),
+		port:    port,
+		globals: strings.Join(globals, "\n"),
+		URL:     fmt.Sprintf("http://127.0.0.1:%d", port),
 	}
 	c.write(t, site)
 	c.process = runCaddyfile(t, c.file, c.URL+"/")
@@ -274,11 +278,12 @@ func (c *binaryCaddy) write(t *testing.T, site string) {
 	auto_https off
 	persist_config off
 	skip_install_trust
+%s
 }
 %s {
 %s
 }
-`, c.admin, c.URL, site)
+`, c.admin, c.globals, c.URL, site)
 	require.NoError(t, os.WriteFile(c.file, []byte(config), 0o600))
 }
 
