@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"maps"
 	"net/http"
 	"net/http/httptest"
@@ -197,19 +198,7 @@ func TestRequestEscapesLastID(t *testing.T) {
 		{"{env.HOME}", "/after/%7Benv.HOME%7D/items", "since=%7Benv.HOME%7D", "%7Benv.HOME%7D"},
 	}
 	for _, tt := range tests {
-		req, err := b.Request(context.Background(), tt.lastID)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if got := req.URL.EscapedPath(); got != tt.path {
-			t.Errorf("last id %q: path %q, want %q", tt.lastID, got, tt.path)
-		}
-		if req.URL.RawQuery != tt.query {
-			t.Errorf("last id %q: query %q, want %q", tt.lastID, req.URL.RawQuery, tt.query)
-		}
-		if got := req.Header.Get("X-Since"); got != tt.header {
-			t.Errorf("last id %q: header %q, want %q", tt.lastID, got, tt.header)
-		}
+		expectRequest(t, fmt.Sprintf("last id %q", tt.lastID), b, tt.lastID, "X-Since", tt.path, tt.query, tt.header)
 	}
 }
 
@@ -328,19 +317,7 @@ func TestBindEscapes(t *testing.T) {
 			t.Errorf("Bind(%q, %q, %q): %v", tt.p, tt.q, tt.h, err)
 			continue
 		}
-		req, err := b.Request(context.Background(), "")
-		if err != nil {
-			t.Fatal(err)
-		}
-		if got := req.URL.EscapedPath(); got != tt.path {
-			t.Errorf("p=%q: path %q, want %q", tt.p, got, tt.path)
-		}
-		if req.URL.RawQuery != tt.query {
-			t.Errorf("q=%q: query %q, want %q", tt.q, req.URL.RawQuery, tt.query)
-		}
-		if got := req.Header.Get("X-H"); got != tt.head {
-			t.Errorf("h=%q: header %q, want %q", tt.h, got, tt.head)
-		}
+		expectRequest(t, fmt.Sprintf("p=%q q=%q h=%q", tt.p, tt.q, tt.h), b, "", "X-H", tt.path, tt.query, tt.head)
 	}
 }
 
@@ -637,5 +614,24 @@ func BenchmarkRequest(b *testing.B) {
 		if _, err := bound.Request(context.Background(), "item 5"); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// expectRequest builds b's request for lastID and checks its escaped path,
+// raw query and the value of the named header; what names the case.
+func expectRequest(t *testing.T, what string, b *target.Bound, lastID, header, path, query, value string) {
+	t.Helper()
+	req, err := b.Request(context.Background(), lastID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := req.URL.EscapedPath(); got != path {
+		t.Errorf("%s: path %q, want %q", what, got, path)
+	}
+	if req.URL.RawQuery != query {
+		t.Errorf("%s: query %q, want %q", what, req.URL.RawQuery, query)
+	}
+	if got := req.Header.Get(header); got != value {
+		t.Errorf("%s: header %q, want %q", what, got, value)
 	}
 }
