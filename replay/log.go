@@ -222,6 +222,14 @@ func (l *Log) Read(cursor uint64, dst [][]byte, maxFrames, maxBytes int) (frames
 	return dst, cursor, i < len(l.frames), l.wake, nil
 }
 
+// Wake returns a channel that is closed when a frame is appended, the log
+// is dropped or closed: the one Read returns with the log's end.
+func (l *Log) Wake() <-chan struct{} {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	return l.wake
+}
+
 // Drop forgets the log's history, as when the shared log it mirrors lost
 // data: every retained frame is evicted, its id and key unknown, and every
 // cursor, even one at the end, gets ErrEvicted, so that each reader is told

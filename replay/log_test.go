@@ -292,6 +292,26 @@ func isClosed(ch <-chan struct{}) bool {
 	}
 }
 
+func TestWakeClosesAtAppendDropAndClose(t *testing.T) {
+	l := New(Limits{})
+	wake := l.Wake()
+	_, _, _, read, _ := l.Read(l.Next(), nil, 10, math.MaxInt)
+	require.Equal(t, read, wake, "Wake is not the channel Read returns at the end")
+	require.False(t, isClosed(wake), "closed before anything happened")
+	for _, change := range []struct {
+		name string
+		do   func()
+	}{
+		{"Append", func() { appendNamed(l, "a") }},
+		{"Drop", l.Drop},
+		{"Close", l.Close},
+	} {
+		wake := l.Wake()
+		change.do()
+		require.True(t, isClosed(wake), "%s did not close it", change.name)
+	}
+}
+
 func TestWake(t *testing.T) {
 	l := New(Limits{})
 	_, cursor, _, wake, _ := l.Read(l.Next(), nil, 10, math.MaxInt)
