@@ -31,6 +31,7 @@ type reader interface {
 type eventLog interface {
 	Append(frames ...replay.Frame)
 	Read(cursor uint64, dst [][]byte, maxFrames, maxBytes int) (frames [][]byte, next uint64, more bool, wake <-chan struct{}, err error)
+	Wake() <-chan struct{}
 	After(id string) (cursor uint64, ok bool)
 	Tail(end uint64, n int) uint64
 	Next() uint64
@@ -110,6 +111,8 @@ type feed struct {
 	answered chan struct{}
 	// refusal is the status with which the upstream refused the feed, or 0.
 	refusal int
+	// pacers pace the streams of handlers with a flush_interval, by interval.
+	pacers map[time.Duration]*pacer
 
 	// Fields below are used by the reader's goroutine only, under publishMu.
 	publishMu sync.Mutex
@@ -276,6 +279,22 @@ func isClosed(ready <-chan struct{}) bool {
 // replay.Log.Read does.
 func (f *feed) read(cursor uint64, dst [][]byte) ([][]byte, uint64, bool, <-chan struct{}, error) {
 	return f.log.Read(cursor, dst, maxFramesPerWrite, maxBytesPerWrite)
+}
+
+// pacer returns the feed's pacer for streams with a flush interval,
+// started at the first call and ended with the feed.
+func (f *feed) pacer(interval time.Duration) *pacer {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	p := f.pacers[interval]
+	if p == nil {
+		p = newPacer(f.ctx, f.log, interval)
+		if f.pacers == nil {
+			f.pacers = make(map[time.Duration]*pacer)
+		}
+		f.pacers[interval] = p
+	}
+	return p
 }
 
 // oldest returns a cursor at the oldest retained event.
