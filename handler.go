@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"os"
+	"sync"
 	"time"
 
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
@@ -36,6 +37,22 @@ const overCapacityRetry = 3 * time.Second
 // take. A subscriber that stops reading is disconnected after it, so that
 // it holds no frames the log has evicted for longer.
 const stallTimeout = 10 * time.Second
+
+// stallRearm is how much of stallTimeout a write may find used before the
+// deadline is moved: a write is bounded by between stallTimeout -
+// stallRearm and stallTimeout.
+const stallRearm = time.Second
+
+// joinBytes bounds the bytes copied into one buffer for one write. A
+// subscriber blocked in a write holds at most this much of its own, beside
+// the log's frames.
+const joinBytes = 4 << 10
+
+// joinPool holds the buffers of writes in progress.
+var joinPool = sync.Pool{New: func() any {
+	b := make([]byte, 0, joinBytes)
+	return &b
+}}
 
 // ServeHTTP serves one subscriber: it writes and flushes the headers at
 // once, resumes from the Last-Event-ID if one came, then writes every event
@@ -77,13 +94,15 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		}
 	}
 	writeStreamHeader(w)
+	ctx, endStream := context.WithCancel(r.Context())
+	defer endStream()
 	s := &stream{
 		h:      h,
 		f:      f,
 		w:      w,
 		rc:     rc,
 		remote: r.RemoteAddr,
-		ctx:    r.Context(),
+		ctx:    ctx,
 		// An HTTP/2 write deadline resets the stream when it passes, even
 		// with no write in flight.
 		clearDeadline: r.ProtoMajor == 2,
@@ -91,15 +110,17 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	if h.Retry > 0 {
 		s.buf = appendRetry(s.buf, time.Duration(h.Retry))
 	}
-	// When the feed ends or Caddy exits, a write blocked on a client that
-	// stopped reading ends at once too. Caddy's writers are not safe for
-	// use from another goroutine; the one they wrap is.
+	// When the feed ends or Caddy exits, the stream ends, and a write
+	// blocked on a client that stopped reading ends at once too. Caddy's
+	// writers are not safe for use from another goroutine; the one they
+	// wrap is.
 	// The response must not be touched once ServeHTTP returned, so a cut
 	// that has started is waited for.
 	inner := http.NewResponseController(innermost(w))
 	cut := make(chan struct{})
 	stopCut := context.AfterFunc(f.ctx, func() {
 		defer close(cut)
+		endStream()
 		_ = inner.SetWriteDeadline(time.Now())
 	})
 	defer func() {
@@ -155,14 +176,16 @@ type stream struct {
 	w      http.ResponseWriter
 	rc     *http.ResponseController
 	remote string
-	// ctx is the request's: it ends when the client leaves.
+	// ctx ends when the client leaves, the feed ends or Caddy exits: one
+	// channel, of this stream alone, to wait on.
 	ctx           context.Context
 	clearDeadline bool
 
 	buf       []byte   // bytes of this stream only: retry, reset, heartbeat
 	frames    [][]byte // scratch for the frames of one write
 	heartbeat *time.Timer
-	sent      time.Time // of the last write, kept when flush_interval is set
+	// deadline is the write deadline set last for the stall bound.
+	deadline time.Time
 }
 
 // run flushes the headers, takes the subscriber's position in the feed
@@ -187,13 +210,20 @@ func (s *stream) run(a admission, lastID string) {
 		s.buf = appendReset(s.buf, s.h.ResetEvent, lastID)
 	}
 	cursor := pos.cursor
+	var paced *pacer
+	if s.h.FlushInterval > 0 {
+		paced = s.f.pacer(time.Duration(s.h.FlushInterval))
+	}
 	// busy tells that frames were appended while the stream was writing:
 	// a cursor evicted then was evicted because the stream was too slow.
 	busy := false
 	for {
 		var more bool
-		var wake <-chan struct{}
+		var wake, next <-chan struct{}
 		var err error
+		if paced != nil {
+			next = paced.next()
+		}
 		s.frames, cursor, more, wake, err = s.f.read(cursor, s.frames[:0])
 		switch {
 		case errors.Is(err, replay.ErrEvicted) && busy:
@@ -223,6 +253,9 @@ func (s *stream) run(a admission, lastID string) {
 		if cap(s.frames) > keptFrames {
 			s.frames = nil
 		}
+		if next != nil {
+			wake = next
+		}
 		select {
 		case <-wake:
 			busy = wrote
@@ -233,32 +266,6 @@ func (s *stream) run(a admission, lastID string) {
 				return
 			}
 		}
-		if !s.coalesce() {
-			return
-		}
-	}
-}
-
-// coalesce waits, when flush_interval is set, until that long after the
-// last write, so that everything that arrives meanwhile goes out in one
-// write and one flush. It reports false when the stream must end instead.
-func (s *stream) coalesce() bool {
-	if s.h.FlushInterval <= 0 {
-		return true
-	}
-	wait := time.Until(s.sent.Add(time.Duration(s.h.FlushInterval)))
-	if wait <= 0 {
-		return true
-	}
-	t := time.NewTimer(wait)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return true
-	case <-s.ctx.Done():
-		return false
-	case <-s.f.ctx.Done():
-		return false
 	}
 }
 
@@ -283,8 +290,6 @@ func (s *stream) await(ch <-chan struct{}) bool {
 			}
 		case <-s.ctx.Done():
 			return false
-		case <-s.f.ctx.Done():
-			return false
 		}
 	}
 }
@@ -300,10 +305,12 @@ func (s *stream) heartbeatC() <-chan time.Time {
 
 // send writes what is pending in buf, then the gathered frames, flushes
 // once and restarts the heartbeat timer. It reports whether the client is
-// still there; one that took longer than stallTimeout is not, and is
+// still there; one that took longer than the stall bound is not, and is
 // counted as slow.
 func (s *stream) send() bool {
-	_ = s.rc.SetWriteDeadline(time.Now().Add(stallTimeout))
+	if !s.armStallBound() {
+		return false
+	}
 	n, err := s.write()
 	s.f.metrics.bytes.Add(float64(n))
 	if err == nil {
@@ -323,35 +330,67 @@ func (s *stream) send() bool {
 	if s.clearDeadline {
 		_ = s.rc.SetWriteDeadline(time.Time{})
 	}
-	if s.h.FlushInterval > 0 {
-		s.sent = time.Now()
-	}
 	if s.heartbeat != nil {
 		s.heartbeat.Reset(time.Duration(s.h.Heartbeat))
 	}
 	return true
 }
 
-// write writes buf, then the frames, and empties both. It returns the
-// bytes written.
-func (s *stream) write() (int, error) {
-	n := 0
-	if len(s.buf) > 0 {
-		m, err := s.w.Write(s.buf)
-		n += m
-		if err != nil {
-			return n, err
-		}
-		s.buf = s.buf[:0]
+// armStallBound sets the write deadline that bounds the next write and
+// flush, unless the one set last still leaves at least stallTimeout -
+// stallRearm: a stream that writes often moves it about once per
+// stallRearm. It reports false when the feed has ended, whose cut of
+// blocked writes the deadline would otherwise undo.
+func (s *stream) armStallBound() bool {
+	now := time.Now()
+	if !s.clearDeadline && s.deadline.Sub(now) >= stallTimeout-stallRearm {
+		return true
 	}
+	s.deadline = now.Add(stallTimeout)
+	_ = s.rc.SetWriteDeadline(s.deadline)
+	return s.f.ctx.Err() == nil
+}
+
+// write writes buf, then the frames, and empties both. Frames that fit are
+// first copied after buf into one buffer, so that they pass Caddy's writers
+// in one call: each call costs a deadline reset there. It returns the bytes
+// written.
+func (s *stream) write() (int, error) {
+	joined := joinPool.Get().(*[]byte)
+	defer joinPool.Put(joined)
+	b := append((*joined)[:0], s.buf...)
+	s.buf = s.buf[:0]
+	n := 0
 	for i, frame := range s.frames {
-		m, err := s.w.Write(frame)
-		n += m
-		if err != nil {
-			return n, err
+		if len(b) > 0 && len(b)+len(frame) > joinBytes {
+			m, err := s.w.Write(b)
+			n += m
+			if err != nil {
+				return n, err
+			}
+			b = b[:0]
+		}
+		if len(frame) > joinBytes {
+			m, err := s.w.Write(frame)
+			n += m
+			if err != nil {
+				return n, err
+			}
+		} else {
+			b = append(b, frame...)
 		}
 		s.frames[i] = nil // hold no frame the log may evict
 	}
 	s.frames = s.frames[:0]
+	if len(b) > 0 {
+		m, err := s.w.Write(b)
+		n += m
+		if err != nil {
+			return n, err
+		}
+	}
+	if cap(b) <= joinBytes {
+		*joined = b
+	}
 	return n, nil
 }

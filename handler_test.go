@@ -26,6 +26,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/ssefeed/caddy-ssefeed/internal/ssetest"
+	"github.com/ssefeed/caddy-ssefeed/replay"
 )
 
 // provision provisions h, a tail feed of its own named after the test with
@@ -472,4 +473,104 @@ func TestServeHTTPFlushIntervalCoalesces(t *testing.T) {
 	// The headers, the first event at once, then the other nineteen,
 	// which arrived within the interval, together.
 	require.LessOrEqual(t, flushes.Load(), int64(3))
+}
+
+// recordingWriter records each Write and each write deadline set on it.
+type recordingWriter struct {
+	header    http.Header
+	writes    [][]byte
+	deadlines []time.Time
+}
+
+func (w *recordingWriter) Header() http.Header { return w.header }
+func (w *recordingWriter) WriteHeader(int)     {}
+func (w *recordingWriter) Flush()              {}
+
+func (w *recordingWriter) Write(b []byte) (int, error) {
+	w.writes = append(w.writes, bytes.Clone(b))
+	return len(b), nil
+}
+
+func (w *recordingWriter) SetWriteDeadline(d time.Time) error {
+	w.deadlines = append(w.deadlines, d)
+	return nil
+}
+
+// recordedStream returns a stream of a new feed that writes to a recorder.
+func recordedStream(t *testing.T) (*stream, *recordingWriter) {
+	w := &recordingWriter{header: http.Header{}}
+	f := newTestFeed(t, tailFeed, FeedConfig{}, replay.Limits{})
+	return &stream{h: &Handler{}, f: f, w: w, rc: http.NewResponseController(w), ctx: context.Background()}, w
+}
+
+func TestStreamWriteJoinsFramesThatFit(t *testing.T) {
+	small := []byte("data: a\n\n")
+	half := bytes.Repeat([]byte("h"), joinBytes/2)
+	large := bytes.Repeat([]byte("l"), joinBytes+1)
+	for _, tc := range []struct {
+		name   string
+		buf    []byte
+		frames [][]byte
+		sizes  []int // of the writes, in order
+	}{
+		{"nothing", nil, nil, nil},
+		{"stream bytes only", []byte(": heartbeat\n\n"), nil, []int{13}},
+		{"stream bytes and small frames in one write", []byte("retry: 1\n\n"), [][]byte{small, small, small}, []int{10 + 3*len(small)}},
+		{"a large frame alone, in order", nil, [][]byte{small, large, small}, []int{len(small), len(large), len(small)}},
+		{"a large frame first", nil, [][]byte{large, small}, []int{len(large), len(small)}},
+		{"split where the next frame would pass the bound", nil, [][]byte{half, half, small}, []int{joinBytes, len(small)}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s, w := recordedStream(t)
+			s.buf = bytes.Clone(tc.buf)
+			s.frames = append([][]byte(nil), tc.frames...)
+			n, err := s.write()
+			require.NoError(t, err)
+
+			want := bytes.Join(append([][]byte{tc.buf}, tc.frames...), nil)
+			require.Equal(t, len(want), n)
+			require.Equal(t, string(want), string(bytes.Join(w.writes, nil)))
+			var sizes []int
+			for _, b := range w.writes {
+				sizes = append(sizes, len(b))
+			}
+			require.Equal(t, tc.sizes, sizes)
+			require.Empty(t, s.buf)
+			require.Empty(t, s.frames)
+		})
+	}
+}
+
+func TestStreamSendMovesTheStallDeadlineOnlyWhenDue(t *testing.T) {
+	s, w := recordedStream(t)
+	for range 20 {
+		s.buf = appendComment(s.buf, "x")
+		require.True(t, s.send())
+	}
+	require.Len(t, w.deadlines, 1, "the first send's deadline still leaves more than stallTimeout - stallRearm")
+	require.WithinDuration(t, time.Now().Add(stallTimeout), w.deadlines[0], stallRearm)
+
+	s.deadline = time.Now().Add(stallTimeout - stallRearm - time.Millisecond)
+	require.True(t, s.send())
+	require.Len(t, w.deadlines, 2, "a deadline closer than stallTimeout - stallRearm was not moved")
+}
+
+func TestStreamSendOverHTTP2SetsAndClearsTheDeadlineEachTime(t *testing.T) {
+	s, w := recordedStream(t)
+	s.clearDeadline = true
+	for range 3 {
+		require.True(t, s.send())
+	}
+	require.Len(t, w.deadlines, 6)
+	for i, d := range w.deadlines {
+		require.Equal(t, i%2 == 1, d.IsZero(), "deadline %d", i)
+	}
+}
+
+func TestStreamSendAfterTheFeedEndedWritesNothing(t *testing.T) {
+	s, w := recordedStream(t)
+	require.NoError(t, s.f.Destruct())
+	s.buf = appendComment(s.buf, "x")
+	require.False(t, s.send())
+	require.Empty(t, w.writes)
 }
