@@ -23,7 +23,8 @@ import (
 // TestPerRequestFeedsAreForgottenAfterLinger opens 5,000 distinct
 // per-request feeds, each with one subscriber that takes the first event
 // and leaves. After the linger every feed is forgotten, and the goroutines
-// and the live heap are back to within a small margin of before.
+// and the live heap are back to within a small margin of before. The
+// flush_interval gives each feed a pacer, which must end with it too.
 func TestPerRequestFeedsAreForgottenAfterLinger(t *testing.T) {
 	const (
 		feeds   = 5000
@@ -42,6 +43,7 @@ func TestPerRequestFeedsAreForgottenAfterLinger(t *testing.T) {
 	poll `+up.URL+`/u/{query.u} 1s
 	linger 200ms
 	max_feeds 10000
+	flush_interval 50ms
 	name abandoned
 }`)
 	client := newStreamClient(t)

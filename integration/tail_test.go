@@ -176,6 +176,31 @@ func TestResetsOnAnUnknownID(t *testing.T) {
 	})
 }
 
+func TestFlushIntervalDeliversEveryEventOnceInOrder(t *testing.T) {
+	up := newNDJSONUpstream(t)
+	startCaddy(t, tailFeed(up.URL, "flush_interval 50ms"))
+	streams := make([]*ssetest.Stream, 10)
+	for i := range streams {
+		streams[i] = openStream(t, "/events")
+	}
+	up.WaitConnected(t, 1)
+	ids := make([]string, 60)
+	for i := range ids {
+		ids[i] = fmt.Sprintf("f%d", i)
+		up.Send(line(ids[i], "x"))
+		time.Sleep(2 * time.Millisecond) // lines over a few intervals
+	}
+	for _, s := range streams {
+		s.ExpectIDs(t, ids...)
+	}
+	resumed := openStream(t, "/events", "Last-Event-ID", ids[29])
+	resumed.ExpectIDs(t, ids[30:]...)
+	up.Send(line("last", "x"))
+	for _, s := range append(streams, resumed) {
+		s.ExpectIDs(t, "last")
+	}
+}
+
 func TestManySubscribersShareOneUpstreamConnection(t *testing.T) {
 	up := newNDJSONUpstream(t)
 	startCaddy(t, tailFeed(up.URL))
