@@ -66,11 +66,12 @@ type Handler struct {
 	// ResetEvent names the event sent to a subscriber whose Last-Event-ID is
 	// unknown; its data is {"last_event_id": "<id>"}. Default: reset.
 	ResetEvent string `json:"reset_event,omitempty"`
-	// FlushInterval, when set, lets each subscriber take everything that
-	// arrived within the interval in one write and one flush: for fast
-	// feeds, fewer writes at the cost of up to this much latency.
-	// Heartbeats, resumption and the slow-subscriber rules are unchanged.
-	// Default: 0, every event is flushed the moment it exists.
+	// FlushInterval, when set, wakes each subscriber at most once per
+	// interval, to take everything that arrived meanwhile in one write and
+	// one flush: for fast feeds, fewer writes at the cost of up to this
+	// much latency. The first event after a quiet interval goes out at
+	// once. Heartbeats, resumption and the slow-subscriber rules are
+	// unchanged. Default: 0, every event is flushed the moment it exists.
 	FlushInterval caddy.Duration `json:"flush_interval,omitempty"`
 	// MaxSubscribers limits the feed's concurrent subscribers; others get a
 	// 200 with a jittered `retry:` and an ended stream. Default: 0, no limit.
