@@ -355,42 +355,34 @@ func (s *stream) armStallBound() bool {
 // first copied after buf into one buffer, so that they pass Caddy's writers
 // in one call: each call costs a deadline reset there. It returns the bytes
 // written.
-func (s *stream) write() (int, error) {
+func (s *stream) write() (n int, err error) {
 	joined := joinPool.Get().(*[]byte)
-	defer joinPool.Put(joined)
 	b := append((*joined)[:0], s.buf...)
 	s.buf = s.buf[:0]
-	n := 0
-	for i, frame := range s.frames {
-		if len(b) > 0 && len(b)+len(frame) > joinBytes {
-			m, err := s.w.Write(b)
+	put := func(p []byte) {
+		if err == nil && len(p) > 0 {
+			var m int
+			m, err = s.w.Write(p)
 			n += m
-			if err != nil {
-				return n, err
-			}
+		}
+	}
+	for i, frame := range s.frames {
+		if len(b)+len(frame) > joinBytes {
+			put(b)
 			b = b[:0]
 		}
 		if len(frame) > joinBytes {
-			m, err := s.w.Write(frame)
-			n += m
-			if err != nil {
-				return n, err
-			}
+			put(frame)
 		} else {
 			b = append(b, frame...)
 		}
 		s.frames[i] = nil // hold no frame the log may evict
 	}
 	s.frames = s.frames[:0]
-	if len(b) > 0 {
-		m, err := s.w.Write(b)
-		n += m
-		if err != nil {
-			return n, err
-		}
-	}
+	put(b)
 	if cap(b) <= joinBytes {
 		*joined = b
 	}
-	return n, nil
+	joinPool.Put(joined)
+	return n, err
 }
