@@ -134,6 +134,7 @@ func newFeed(parts feedParts) *feed {
 	if f.kind == tailFeed && f.shared == nil {
 		close(f.ready)
 	}
+	context.AfterFunc(ctx, f.closeWaits)
 	if f.shared != nil {
 		f.shared.mirror.Log = mirrorSink{f}
 		// Ids from before the shared log lost data must be unknown, and
@@ -295,6 +296,20 @@ func (f *feed) pacer(interval time.Duration) *pacer {
 		f.pacers[interval] = p
 	}
 	return p
+}
+
+// closeWaits closes the log when the feed ends or Caddy exits, then every
+// other channel a stream may wait on: ready and the pacers'. A stream that
+// wakes then finds the log closed and ends, so that streams need not wait
+// on the feed's context too.
+func (f *feed) closeWaits() {
+	f.log.Close()
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.closeReady()
+	for _, p := range f.pacers {
+		p.stop()
+	}
 }
 
 // oldest returns a cursor at the oldest retained event.

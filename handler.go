@@ -94,15 +94,13 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		}
 	}
 	writeStreamHeader(w)
-	ctx, endStream := context.WithCancel(r.Context())
-	defer endStream()
 	s := &stream{
 		h:      h,
 		f:      f,
 		w:      w,
 		rc:     rc,
 		remote: r.RemoteAddr,
-		ctx:    ctx,
+		ctx:    r.Context(),
 		// An HTTP/2 write deadline resets the stream when it passes, even
 		// with no write in flight.
 		clearDeadline: r.ProtoMajor == 2,
@@ -110,17 +108,15 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	if h.Retry > 0 {
 		s.buf = appendRetry(s.buf, time.Duration(h.Retry))
 	}
-	// When the feed ends or Caddy exits, the stream ends, and a write
-	// blocked on a client that stopped reading ends at once too. Caddy's
-	// writers are not safe for use from another goroutine; the one they
-	// wrap is.
+	// When the feed ends or Caddy exits, a write blocked on a client that
+	// stopped reading ends at once too. Caddy's writers are not safe for
+	// use from another goroutine; the one they wrap is.
 	// The response must not be touched once ServeHTTP returned, so a cut
 	// that has started is waited for.
 	inner := http.NewResponseController(innermost(w))
 	cut := make(chan struct{})
 	stopCut := context.AfterFunc(f.ctx, func() {
 		defer close(cut)
-		endStream()
 		_ = inner.SetWriteDeadline(time.Now())
 	})
 	defer func() {
@@ -176,8 +172,8 @@ type stream struct {
 	w      http.ResponseWriter
 	rc     *http.ResponseController
 	remote string
-	// ctx ends when the client leaves, the feed ends or Caddy exits: one
-	// channel, of this stream alone, to wait on.
+	// ctx is the request's: it ends when the client leaves. The end of
+	// the feed or of Caddy closes the channels the stream waits on.
 	ctx           context.Context
 	clearDeadline bool
 
@@ -270,10 +266,12 @@ func (s *stream) run(a admission, lastID string) {
 }
 
 // await waits until ch is closed, sending heartbeats meanwhile. It reports
-// false when the stream must end instead: the client left, a heartbeat
-// could not be written, or the feed ends or Caddy exits. Every case costs
-// each waiting subscriber a lock at every wake-up, so only the cases that
-// can matter are given.
+// false when the stream must end instead: the client left or a heartbeat
+// could not be written. The end of the feed or of Caddy closes every
+// channel a stream waits on, after the log, whose next read then ends the
+// stream. Every case costs each waiting subscriber a lock at every
+// wake-up, so only the cases that can matter are given: none is shared by
+// the feed's streams but ch.
 func (s *stream) await(ch <-chan struct{}) bool {
 	for {
 		select {

@@ -12,8 +12,9 @@ import (
 // pacer serves every stream of a feed with that interval: a stream parks
 // once per write, and no stream needs a timer of its own.
 type pacer struct {
-	mu   sync.Mutex
-	wake chan struct{}
+	mu      sync.Mutex
+	wake    chan struct{}
+	stopped bool
 }
 
 // newPacer paces the appends to log until ctx ends.
@@ -37,12 +38,26 @@ func (p *pacer) next() <-chan struct{} {
 func (p *pacer) release() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	close(p.wake)
-	p.wake = make(chan struct{})
+	if !p.stopped {
+		close(p.wake)
+		p.wake = make(chan struct{})
+	}
+}
+
+// stop wakes the streams that wait, and every later one at once: the feed
+// has ended.
+func (p *pacer) stop() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if !p.stopped {
+		p.stopped = true
+		close(p.wake)
+	}
 }
 
 // run releases the streams after each append, from the one that closes
-// appended on, then lets interval pass before the next release. The streams watch ctx themselves.
+// appended on, then lets interval pass before the next release, until ctx
+// ends: the feed then stops the pacer.
 func (p *pacer) run(ctx context.Context, appended <-chan struct{}, log eventLog, interval time.Duration) {
 	pause := time.NewTimer(interval)
 	defer pause.Stop()

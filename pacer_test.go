@@ -79,3 +79,16 @@ func TestFeedSharesOnePacerPerIntervalAndEndsThem(t *testing.T) {
 	require.Same(t, f.pacer(time.Second), f.pacer(time.Second))
 	require.NotSame(t, f.pacer(time.Second), f.pacer(2*time.Second))
 }
+
+func TestTheEndOfAFeedsContextClosesEveryWaitAfterTheLog(t *testing.T) {
+	f := newTestFeed(t, documentFeed, FeedConfig{}, replay.Limits{})
+	paced := f.pacer(time.Hour)
+	waits := map[string]<-chan struct{}{"log": f.log.Wake(), "ready": f.ready, "pacer": paced.next()}
+	f.cancel() // as an exit does: the feed's context ends, without end
+	for name, wait := range waits {
+		awaitRelease(t, wait, "of "+name)
+		_, _, _, _, err := f.log.Read(f.log.Next(), nil, 1, 1)
+		require.ErrorIs(t, err, replay.ErrClosed, "%s closed before the log", name)
+	}
+	require.True(t, isDone(paced.next()), "a stream that waits after the end would wait for ever")
+}
