@@ -259,7 +259,9 @@ func (f *feed) join(a admission, lastID string, initial int) (position, <-chan s
 		}
 	}
 	if lastID == "" {
-		return position{cursor: f.log.Tail(end, initial)}, nil
+		// A place that a burst evicted before the subscriber took it stays
+		// evicted: its first read tells, and it gets the reset.
+		return position{cursor: min(end, f.log.Tail(end, initial))}, nil
 	}
 	f.metrics.resumeReset.Inc()
 	f.logger.Debug("unknown last event id; sending reset", zap.Int("id_length", len(lastID)))

@@ -506,3 +506,17 @@ func TestResumingWithARetainedIDDoesNotWaitForTheUpstream(t *testing.T) {
 	events, _ = eventsFrom(t, f, pos.cursor)
 	require.Len(t, events, 3)
 }
+
+func TestJoinAfterABurstEvictedTheSubscribersPlaceIsEvicted(t *testing.T) {
+	f := newTestFeed(t, tailFeed, FeedConfig{}, replay.Limits{Count: 3})
+	a, ok := f.subscribe(0)
+	require.True(t, ok)
+	t.Cleanup(f.unsubscribe)
+	// Published after the subscriber arrived, before it took its place:
+	// the first seven are lost to it, and its first read must say so.
+	publish(f, `"1"`, `"2"`, `"3"`, `"4"`, `"5"`, `"6"`, `"7"`, `"8"`, `"9"`, `"10"`)
+	pos, wait := f.join(a, "", 0)
+	require.Nil(t, wait)
+	_, _, _, _, err := f.read(pos.cursor, nil)
+	require.ErrorIs(t, err, replay.ErrEvicted)
+}
