@@ -212,7 +212,9 @@ func (s *stream) run(a admission, lastID string) {
 	}
 	// busy tells that frames were appended while the stream was writing:
 	// a cursor evicted then was evicted because the stream was too slow.
-	busy := false
+	// delivered tells that the stream has written events, so that only the
+	// client knows the last id it has.
+	busy, delivered := false, false
 	for {
 		var more bool
 		var wake, next <-chan struct{}
@@ -227,10 +229,17 @@ func (s *stream) run(a admission, lastID string) {
 			s.f.logger.Info("disconnected a subscriber that fell behind the replay log",
 				zap.String("remote", s.remote))
 			return
+		case errors.Is(err, replay.ErrEvicted) && delivered:
+			// Evicted while it waited, by a burst larger than the log: not
+			// slow, but owed a reset that names the last id it got. The
+			// client reconnects with that id and gets it there.
+			s.f.logger.Info("ended the stream of a subscriber whose place a burst evicted; it resumes with its Last-Event-ID",
+				zap.String("remote", s.remote))
+			return
 		case errors.Is(err, replay.ErrEvicted):
-			// Evicted before the stream could read it, by a burst larger
-			// than the log: the subscriber is owed a reset, not a
-			// disconnect.
+			// Evicted before the stream could write any event, by a burst
+			// larger than the log: the subscriber is owed a reset for the
+			// id it came with, not a disconnect.
 			s.f.metrics.resumeReset.Inc()
 			s.buf = appendReset(s.buf, s.h.ResetEvent, lastID)
 			cursor = s.f.oldest()
@@ -242,6 +251,7 @@ func (s *stream) run(a admission, lastID string) {
 		if (wrote || len(s.buf) > 0) && !s.send() {
 			return
 		}
+		delivered = delivered || wrote
 		if more {
 			busy = true
 			continue
