@@ -72,6 +72,20 @@ func appendEvent(dst []byte, ev Event) []byte {
 	return append(dst, '\n')
 }
 
+// frameID returns the id of an event that appendEvent encoded, or nil if it
+// has none.
+func frameID(frame []byte) []byte {
+	if rest, ok := bytes.CutPrefix(frame, []byte("event: ")); ok {
+		_, frame, _ = bytes.Cut(rest, []byte{'\n'})
+	}
+	rest, ok := bytes.CutPrefix(frame, []byte("id: "))
+	if !ok {
+		return nil
+	}
+	id, _, _ := bytes.Cut(rest, []byte{'\n'})
+	return id
+}
+
 // appendData appends data as `data:` lines, one per line of the text. A lone
 // CR, a lone LF and CRLF each end a line; a trailing line break yields a
 // final empty `data:` line so that the client gets it back. Invalid UTF-8

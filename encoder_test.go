@@ -45,6 +45,9 @@ func TestAppendEvent(t *testing.T) {
 			if got != "prefix"+tc.want {
 				t.Errorf("appendEvent(%#v) = %q, want %q", tc.ev, got, "prefix"+tc.want)
 			}
+			if id := string(frameID([]byte(tc.want))); id != tc.ev.ID {
+				t.Errorf("frameID(%q) = %q, want %q", tc.want, id, tc.ev.ID)
+			}
 		})
 	}
 }
@@ -180,6 +183,9 @@ func FuzzEncoder(f *testing.F) {
 		}
 		if got != want {
 			t.Fatalf("encoded %q\nparsed %#v\nwant   %#v", out, got, want)
+		}
+		if got := string(frameID(out)); got != id {
+			t.Fatalf("frameID(%q) = %q, want %q", out, got, id)
 		}
 		end, err := r.NextEvent()
 		if err != nil || end.Data != "end" || end.Type != "message" {

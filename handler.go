@@ -182,6 +182,9 @@ type stream struct {
 	heartbeat *time.Timer
 	// deadline is the write deadline set last for the stall bound.
 	deadline time.Time
+	// lastSent is the id of the last event written, which a reset in the
+	// stream names.
+	lastSent []byte
 }
 
 // run flushes the headers, takes the subscriber's position in the feed
@@ -212,9 +215,7 @@ func (s *stream) run(a admission, lastID string) {
 	}
 	// busy tells that frames were appended while the stream was writing:
 	// a cursor evicted then was evicted because the stream was too slow.
-	// delivered tells that the stream has written events, so that only the
-	// client knows the last id it has.
-	busy, delivered := false, false
+	busy := false
 	for {
 		var more bool
 		var wake, next <-chan struct{}
@@ -229,18 +230,14 @@ func (s *stream) run(a admission, lastID string) {
 			s.f.logger.Info("disconnected a subscriber that fell behind the replay log",
 				zap.String("remote", s.remote))
 			return
-		case errors.Is(err, replay.ErrEvicted) && delivered:
-			// Evicted while it waited, by a burst larger than the log: not
-			// slow, but owed a reset that names the last id it got. The
-			// client reconnects with that id and gets it there.
-			s.f.logger.Info("ended the stream of a subscriber whose place a burst evicted; it resumes with its Last-Event-ID",
-				zap.String("remote", s.remote))
-			return
 		case errors.Is(err, replay.ErrEvicted):
-			// Evicted before the stream could write any event, by a burst
-			// larger than the log: the subscriber is owed a reset for the
-			// id it came with, not a disconnect.
+			// Evicted while the stream waited, by a burst larger than the
+			// log or a shared log's loss: the subscriber is owed a reset
+			// that names the last id it got, not a disconnect.
 			s.f.metrics.resumeReset.Inc()
+			if s.lastSent != nil {
+				lastID = string(s.lastSent)
+			}
 			s.buf = appendReset(s.buf, s.h.ResetEvent, lastID)
 			cursor = s.f.oldest()
 			continue
@@ -248,10 +245,12 @@ func (s *stream) run(a admission, lastID string) {
 			return
 		}
 		wrote := len(s.frames) > 0
+		if wrote {
+			s.lastSent = append(s.lastSent[:0], frameID(s.frames[len(s.frames)-1])...)
+		}
 		if (wrote || len(s.buf) > 0) && !s.send() {
 			return
 		}
-		delivered = delivered || wrote
 		if more {
 			busy = true
 			continue
