@@ -218,10 +218,11 @@ func (s *stream) run(a admission, lastID string) {
 	busy := false
 	for {
 		var more bool
-		var wake, next <-chan struct{}
+		var wake, pacedWake <-chan struct{}
 		var err error
 		if paced != nil {
-			next = paced.next()
+			// Taken before the read: a release after it is not missed.
+			pacedWake = paced.next()
 		}
 		s.frames, cursor, more, wake, err = s.f.read(cursor, s.frames[:0])
 		switch {
@@ -258,8 +259,8 @@ func (s *stream) run(a admission, lastID string) {
 		if cap(s.frames) > keptFrames {
 			s.frames = nil
 		}
-		if next != nil {
-			wake = next
+		if paced != nil {
+			wake = pacedWake
 		}
 		select {
 		case <-wake:
