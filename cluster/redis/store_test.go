@@ -35,6 +35,18 @@ func open(t *testing.T, c *Cluster, feed string, limits replay.Limits) cluster.S
 	return s
 }
 
+// leased returns a fresh Redis and the store of a feed on it, with limits,
+// whose lease instance "a" holds for a minute in epoch "e1".
+func leased(t *testing.T, limits replay.Limits) (*clustertest.Redis, cluster.Store, cluster.Meta) {
+	t.Helper()
+	r := clustertest.StartRedis(t)
+	s := open(t, provision(t, r.URL()), "feed", limits)
+	m, held, err := s.Acquire(context.Background(), "a", 0, time.Minute, "e1")
+	require.NoError(t, err)
+	require.True(t, held)
+	return r, s, m
+}
+
 // rawClient returns a plain client of the server, for what the cluster
 // never does, such as flushing.
 func rawClient(t *testing.T, r *clustertest.Redis) *redis.Client {
@@ -182,11 +194,8 @@ func TestExpiredLeaseIsTakenOverAndFenced(t *testing.T) {
 
 func TestAppendIsIdempotent(t *testing.T) {
 	clustertest.CheckGoroutines(t)
-	r := clustertest.StartRedis(t)
-	s := open(t, provision(t, r.URL()), "feed", replay.Limits{})
+	_, s, m := leased(t, replay.Limits{})
 	ctx := context.Background()
-	m, _, err := s.Acquire(ctx, "a", 0, time.Minute, "e1")
-	require.NoError(t, err)
 
 	require.NoError(t, s.Append(ctx, m.Epoch, m.Term, entries(1, 3), []byte("s1")))
 	require.NoError(t, s.Append(ctx, m.Epoch, m.Term, entries(1, 3), []byte("s1")), "a retry")
@@ -197,7 +206,7 @@ func TestAppendIsIdempotent(t *testing.T) {
 	meta, es := readAll(t, s)
 	require.Equal(t, cluster.Meta{Epoch: "e1", Term: 1, LastSeq: 5}, meta)
 	require.Equal(t, entries(1, 5), es)
-	m, _, err = s.Acquire(ctx, "a", 0, time.Minute, "")
+	m, _, err := s.Acquire(ctx, "a", 0, time.Minute, "")
 	require.NoError(t, err)
 	require.Equal(t, []byte("s3"), m.State)
 
@@ -261,11 +270,8 @@ func TestAppendTrims(t *testing.T) {
 		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			r := clustertest.StartRedis(t)
-			s := open(t, provision(t, r.URL()), "feed", tc.limits)
+			r, s, m := leased(t, tc.limits)
 			ctx := context.Background()
-			m, _, err := s.Acquire(ctx, "a", 0, time.Minute, "e1")
-			require.NoError(t, err)
 			for i, batch := range tc.batches {
 				if i > 0 {
 					time.Sleep(tc.pause) // Redis's clock, which synctest cannot move
@@ -289,11 +295,8 @@ func TestAppendTrims(t *testing.T) {
 
 func TestReadLeavesOutEntriesPastTheAgeLimit(t *testing.T) {
 	clustertest.CheckGoroutines(t)
-	r := clustertest.StartRedis(t)
-	s := open(t, provision(t, r.URL()), "feed", replay.Limits{MaxAge: 100 * time.Millisecond})
+	_, s, m := leased(t, replay.Limits{MaxAge: 100 * time.Millisecond})
 	ctx := context.Background()
-	m, _, err := s.Acquire(ctx, "a", 0, time.Minute, "e1")
-	require.NoError(t, err)
 	require.NoError(t, s.Append(ctx, m.Epoch, m.Term, entries(1, 3), nil))
 	_, es := readAll(t, s)
 	require.Equal(t, []uint64{1, 2, 3}, seqs(es))
@@ -315,15 +318,13 @@ func TestLostDataStartsANewEpoch(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			clustertest.CheckGoroutines(t)
-			r := clustertest.StartRedis(t)
-			s := open(t, provision(t, r.URL()), "feed", replay.Limits{})
+			r, s, old := leased(t, replay.Limits{})
 			ctx := context.Background()
-			old, _, err := s.Acquire(ctx, "a", 0, time.Minute, "e1")
-			require.NoError(t, err)
 			require.NoError(t, s.Append(ctx, old.Epoch, old.Term, entries(1, 3), []byte("s1")))
 
 			tc.lose(t, r)
 
+			var err error
 			require.Eventually(t, func() bool {
 				err = s.Append(ctx, old.Epoch, old.Term, entries(4, 4), []byte("s2"))
 				return err == nil || err == cluster.ErrEpoch
@@ -352,11 +353,8 @@ func TestLostDataStartsANewEpoch(t *testing.T) {
 
 func TestAcquireDiscardsALogWithoutMeta(t *testing.T) {
 	clustertest.CheckGoroutines(t)
-	r := clustertest.StartRedis(t)
-	s := open(t, provision(t, r.URL()), "feed", replay.Limits{})
+	r, s, old := leased(t, replay.Limits{})
 	ctx := context.Background()
-	old, _, err := s.Acquire(ctx, "a", 0, time.Minute, "e1")
-	require.NoError(t, err)
 	require.NoError(t, s.Append(ctx, old.Epoch, old.Term, entries(1, 3), nil))
 	// As when Redis evicts the meta alone.
 	require.NoError(t, rawClient(t, r).Del(ctx, s.(*store).meta).Err())
